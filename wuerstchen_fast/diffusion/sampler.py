@@ -1,0 +1,162 @@
+"""The reverse-diffusion loop shared by Stage C and Stage B.
+
+One step = denoiser call (batch doubled to [cond, uncond] when guidance is on) -> classifier-free
+guidance `lerp(ε_uncond, ε_cond, w)` -> `ddpm_step`. The loop is written for CUDA graphs and
+torch.compile: every shape is fixed for the whole chain, the t values are precomputed tensors on
+the device (indexing one is a view, not a copy to the host), the step takes tensors only, and the
+only per-step work outside the step is drawing the noise from the generator (in the same order and
+shape as diffusers, so seeds reproduce its images). `compile=True` wraps the step in
+`torch.compile`; `cuda_graphs=True` captures it once per chain shape and replays it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .ddpm import ddpm_step
+from .schedule import S_OFFSET, _constants
+
+__all__ = ["DenoiseLoop", "cfg_combine", "draw_noise"]
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cfg_combine(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on a [cond, uncond] batch: lerp(ε_uncond, ε_cond, w)."""
+    eps_cond, eps_uncond = eps.chunk(2)
+    return torch.lerp(eps_uncond, eps_cond, guidance_scale)
+
+
+def draw_noise(
+    shape: Sequence[int],
+    generator: torch.Generator | list[torch.Generator] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Standard normal noise drawn the way diffusers' `randn_tensor` draws it.
+
+    A generator on the CPU draws on the CPU and the result moves to `device`; a list of generators
+    draws one batch element from each, in order.
+    """
+    shape = tuple(shape)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) == 1:
+            generator = generator[0]
+        else:
+            parts = [draw_noise((1,) + shape[1:], g, device, dtype) for g in generator]
+            return torch.cat(parts, dim=0)
+    rand_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+class _GraphedStep:
+    """Captures a step function in a CUDA graph per input signature and replays it.
+
+    Inputs are copied into static buffers (device-to-device, no host sync), the graph is replayed
+    and the static output is cloned so the caller may keep it across replays.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        key = tuple((a.shape, a.dtype, a.device) for a in args)
+        if key not in self.graphs:
+            static_in = [a.clone() for a in args]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, lazy init, autotune)
+                for _ in range(2):
+                    self.fn(*static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.fn(*static_in)
+            self.graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[key]
+        for buf, a in zip(static_in, args):
+            if buf.data_ptr() != a.data_ptr():
+                buf.copy_(a)
+        graph.replay()
+        return static_out.clone()
+
+
+class DenoiseLoop:
+    """Runs one stage's chain: `x` from t = timesteps[0] down to timesteps[-1].
+
+    `model(x, r, *conds) -> ε̂` is the denoiser (Stage C: conds = (text,), Stage B: conds =
+    (effnet, text)). With `guidance_scale > 1` the conds must already be batched [cond, uncond]
+    (twice the batch of `x`); the loop doubles `x` and r itself.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        guidance_scale: float = 0.0,
+        *,
+        s: float = S_OFFSET,
+        scaler: float = 1.0,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+    ):
+        self.model = model
+        self.guidance_scale = float(guidance_scale)
+        self.do_cfg = self.guidance_scale > 1
+        self.s = s
+        self.scaler = scaler
+        _constants(float(s))  # fill the schedule constants now, outside any compiled region
+        self._step: Callable[..., torch.Tensor] = self.step
+        if compile:
+            self._step = torch.compile(self._step, dynamic=False)
+        if cuda_graphs:
+            self._step = _GraphedStep(self._step)
+
+    def step(
+        self, x: torch.Tensor, r: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, noise: torch.Tensor, *conds
+    ) -> torch.Tensor:
+        """One denoising step; tensors in, tensor out, no host synchronization."""
+        r = r.expand(x.shape[0])
+        if self.do_cfg:
+            eps = self.model(torch.cat([x, x]), torch.cat([r, r]), *conds)
+            eps = cfg_combine(eps, self.guidance_scale)
+        else:
+            eps = self.model(x, r, *conds)
+        return ddpm_step(x, eps, t, t_prev, noise, s=self.s, scaler=self.scaler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        conds: Sequence[torch.Tensor],
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        *,
+        callback: StepCallback | None = None,
+        progress: bool = True,
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        """Run the chain. `timesteps`: float32 tensor of t values, model called at all but the last.
+
+        `callback(i, t, x) -> x` runs after each step (it may replace the latents).
+        """
+        device, dtype = x.device, x.dtype
+        ts = timesteps.to(device=device, dtype=torch.float32)
+        # The denoiser sees t in the model dtype, and the step uses that same rounded t for ᾱ(t),
+        # as the reference pipelines do; t_prev stays float32. All precomputed once.
+        r_all = ts[:-1].to(dtype)
+        t_all = r_all.float()
+        t_prev_all = ts[1:]
+        n = int(ts.shape[0]) - 1
+        steps = range(n)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=desc, total=n)
+        for i in steps:
+            noise = draw_noise(x.shape, generator, device, dtype)
+            x = self._step(x, r_all[i], t_all[i], t_prev_all[i], noise, *conds)
+            if callback is not None:
+                x = callback(i, ts[i], x)
+        return x
