@@ -1,0 +1,198 @@
+"""Building blocks shared by Stage C (prior) and Stage B (DiffNeXt decoder).
+
+Parameter names are those of the released checkpoints (spec §1), so state dicts load unchanged.
+Each block keeps its arithmetic in a small, separately named method (`_mlp`, `_modulate`,
+`_attend`, ...) so a fused op from `wuerstchen_fast.ops` can later replace exactly that method
+without touching the module layout. The channel LayerNorm already goes through the op registry
+(`ops.layer_norm_2d`).
+
+Layouts: activations are (B, C, H, W); the channelwise MLPs run channels-last (B, H, W, C), as in
+the released code, so `nn.Linear` weights keep their (out, in) shape.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wuerstchen_fast import ops
+
+__all__ = [
+    "LayerNorm2d",
+    "GlobalResponseNorm",
+    "ResBlock",
+    "ResBlockStageB",
+    "TimestepBlock",
+    "Attention",
+    "AttnBlock",
+    "r_embedding",
+]
+
+LN_EPS = 1e-6  # every LayerNorm in Würstchen: no affine, eps 1e-6
+
+
+class LayerNorm2d(nn.Module):
+    """Channel LayerNorm of a (B, C, H, W) tensor without affine parameters (no state-dict keys)."""
+
+    def __init__(self, eps: float = LN_EPS):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm_2d(x, eps=self.eps)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN on channels-last input (B, H, W, C); `gamma`, `beta` of shape (1, 1, 1, C).
+
+    out = gamma * (x * Nx) + beta + x with Gx = ||x||_2 over (H, W), Nx = Gx / (mean_C Gx + 1e-6).
+    Zero-initialized, so an untrained block is the identity.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+def _channelwise_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
+    # Indices matter: keys are channelwise.0 (Linear), .2 (GRN), .4 (Linear).
+    return nn.Sequential(
+        nn.Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), nn.Linear(c * 4, c)
+    )
+
+
+class ResBlock(nn.Module):
+    """Stage C residual block: the skip is concatenated *before* the depthwise conv.
+
+    x -> depthwise(cat[x, skip]) -> LayerNorm2d -> Linear(c,4c) -> GELU -> GRN -> Dropout -> Linear(4c,c) -> + x
+    """
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c + c_skip, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = LayerNorm2d()
+        self.channelwise = _channelwise_mlp(c, c, dropout)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """Channelwise MLP of a (B, C, H, W) tensor, computed channels-last."""
+        return self.channelwise(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = x if x_skip is None else torch.cat([x, x_skip], dim=1)
+        return self._mlp(self.norm(self.depthwise(h))) + x
+
+
+class ResBlockStageB(nn.Module):
+    """Stage B residual block: the skip is concatenated *after* the norm, into the first Linear.
+
+    x -> depthwise(x) -> LayerNorm2d -> cat[., skip] -> Linear(c+c_skip,4c) -> GELU -> GRN -> Dropout
+      -> Linear(4c,c) -> + x
+    """
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = LayerNorm2d()
+        self.channelwise = _channelwise_mlp(c + c_skip, c, dropout)
+
+    def _mlp(self, x: torch.Tensor, x_skip: torch.Tensor | None) -> torch.Tensor:
+        """Channelwise MLP over cat[x, skip]; a fused op would split the first GEMM's K instead."""
+        if x_skip is not None:
+            x = torch.cat([x, x_skip], dim=1)
+        return self.channelwise(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None) -> torch.Tensor:
+        return self._mlp(self.norm(self.depthwise(x)), x_skip) + x
+
+
+class TimestepBlock(nn.Module):
+    """Modulation by the r embedding: a, b = mapper(r).chunk(2); out = x * (1 + a) + b."""
+
+    def __init__(self, c: int, c_r: int = 64):
+        super().__init__()
+        self.mapper = nn.Linear(c_r, c * 2)
+
+    @staticmethod
+    def _modulate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return x * (1 + a[:, :, None, None]) + b[:, :, None, None]
+
+    def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
+        a, b = self.mapper(r_embed).chunk(2, dim=1)
+        return self._modulate(x, a, b)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' parameter names (`to_q/to_k/to_v/to_out.0`).
+
+    Width of the heads is `(c // nhead) * nhead`, as diffusers builds it. The original checkpoints
+    store the same weights as `nn.MultiheadAttention` (`attn.in_proj_weight` [3c, c], `out_proj`);
+    the loaders convert (see `loading.py`).
+    """
+
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0):
+        super().__init__()
+        if nhead <= 0:
+            raise ValueError(f"an attention block needs nhead >= 1, got {nhead}")
+        self.nhead = nhead
+        inner = (c // nhead) * nhead
+        self.to_q = nn.Linear(c, inner)
+        self.to_k = nn.Linear(c, inner)
+        self.to_v = nn.Linear(c, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, c), nn.Dropout(dropout)])
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention over (B, N, heads*d) tensors, softmax scale d**-0.5."""
+        b, n, inner = q.shape
+        d = inner // self.nhead
+        q, k, v = (t.reshape(b, -1, self.nhead, d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(b, n, inner)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, c) queries; kv: (B, M, c) keys/values source."""
+        out = self._attend(self.to_q(x), self.to_k(kv), self.to_v(kv))
+        return self.to_out[1](self.to_out[0](out))
+
+
+class AttnBlock(nn.Module):
+    """Pre-norm attention of image tokens over [image tokens, mapped text tokens] (self_attn=True)."""
+
+    def __init__(self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = self_attn
+        self.norm = LayerNorm2d()
+        self.attention = Attention(c, nhead, dropout=dropout)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        kv = self.kv_mapper(cond)
+        tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)
+        if self.self_attn:
+            kv = torch.cat([tokens, kv], dim=1)
+        out = self.attention(tokens, kv)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of the continuous noise level r in [0, 1]: (B,) -> (B, c_r).
+
+    r' = r * 10000; f_i = exp(-i ln(10000) / (half - 1)); [sin(r' f), cos(r' f)], zero-padded if c_r is odd.
+    Frequencies are computed in fp32 and the result cast to r's dtype, as the released code does.
+    """
+    half = c_r // 2
+    scale = math.log(max_positions) / (half - 1)
+    freqs = torch.arange(half, device=r.device).float().mul(-scale).exp()
+    args = (r * max_positions)[:, None] * freqs[None, :]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    if c_r % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb.to(dtype=r.dtype)

@@ -1,0 +1,48 @@
+"""Stage C: the text-conditional prior (spec §2; diffusers `WuerstchenPrior`, original `Prior`).
+
+forward(x, r, c) -> eps_hat, where x is the (B, c_in, h, w) noisy latent, r the (B,) noise level in
+[0, 1] and c the (B, T, c_cond) CLIP text hidden states. Output: (x - a) / (|1 - b| + 1e-5).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding
+from .configs import StageCConfig
+
+__all__ = ["StageC"]
+
+
+class StageC(nn.Module):
+    def __init__(self, config: StageCConfig | None = None):
+        super().__init__()
+        self.config = cfg = config if config is not None else StageCConfig.v2()
+        self.c_r = cfg.c_r
+        self.projection = nn.Conv2d(cfg.c_in, cfg.c, kernel_size=1)
+        self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, cfg.c), nn.LeakyReLU(0.2), nn.Linear(cfg.c, cfg.c))
+        # Flat list, keys blocks.{3k} ResBlock, blocks.{3k+1} TimestepBlock, blocks.{3k+2} AttnBlock.
+        self.blocks = nn.ModuleList()
+        for _ in range(cfg.depth):
+            self.blocks.append(ResBlock(cfg.c, dropout=cfg.dropout))
+            self.blocks.append(TimestepBlock(cfg.c, cfg.c_r))
+            self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead, self_attn=True, dropout=cfg.dropout))
+        self.out = nn.Sequential(LayerNorm2d(), nn.Conv2d(cfg.c, cfg.c_in * 2, kernel_size=1))
+
+    def gen_r_embedding(self, r: torch.Tensor) -> torch.Tensor:
+        return r_embedding(r, self.c_r)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x_in = x
+        x = self.projection(x)
+        c_embed = self.cond_mapper(c)
+        r_embed = self.gen_r_embedding(r)
+        for block in self.blocks:
+            if isinstance(block, AttnBlock):
+                x = block(x, c_embed)
+            elif isinstance(block, TimestepBlock):
+                x = block(x, r_embed)
+            else:
+                x = block(x)
+        a, b = self.out(x).chunk(2, dim=1)
+        return (x_in - a) / ((1 - b).abs() + 1e-5)
