@@ -98,15 +98,9 @@ def make_clip_text_model(seed: int = 0, **cfg):
 def make_clip_tokenizer(folder, model_max_length: int = 77):
     """A transformers CLIPTokenizer built offline from the BPE vocabulary open_clip ships, padding
     with id 0 ('!') like the laion tokenizers Würstchen uses; saved to `folder` too."""
-    from transformers import CLIPTokenizer
+    from wuerstchen_fast.models.text import build_transformers_clip_tokenizer
 
-    from wuerstchen_fast.models.text import write_clip_vocab_files
-
-    vocab, merges = write_clip_vocab_files(folder)
-    tok = CLIPTokenizer(vocab_file=str(vocab), merges_file=str(merges), pad_token="!",
-                        model_max_length=model_max_length)
-    tok.save_pretrained(str(folder))
-    return tok
+    return build_transformers_clip_tokenizer(folder, model_max_length=model_max_length)
 
 
 def make_torchvision_effnet_encoder(seed: int = 0, c_latent: int = 16):

@@ -28,7 +28,7 @@ from .checkpoint_io import (FORMAT_TAG, OWN_CONFIG_NAME, OWN_WEIGHTS_NAME, Check
 from .configs import _ConfigMixin
 
 __all__ = ["TextEncoderConfig", "CLIPTextEncoder", "CLIPTokenizer", "load_text_encoder", "load_tokenizer",
-           "save_text_encoder", "write_clip_vocab_files", "from_transformers_layout"]
+           "save_text_encoder", "write_clip_vocab_files", "build_transformers_clip_tokenizer", "from_transformers_layout"]
 
 
 @dataclass
@@ -168,6 +168,27 @@ def write_clip_vocab_files(folder) -> tuple:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return folder / "vocab.json", folder / "merges.txt"
+
+
+def build_transformers_clip_tokenizer(folder=None, model_max_length: int = 77, pad_token: str = "!"):
+    """A transformers `CLIPTokenizer` built offline from open_clip's shipped BPE vocabulary, padding with
+    '!' (id 0) as the laion tokenizers Würstchen uses do; saved to `folder` when given."""
+    import tempfile
+
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_path, merges_path = write_clip_vocab_files(folder or tmp)
+        vocab = json.loads(Path(vocab_path).read_text())
+        merges = [tuple(line.split()) for line in Path(merges_path).read_text().splitlines()[1:] if line]
+    try:  # transformers >= 5: the tokenizers-backed class takes the vocabulary itself
+        tok = HFCLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=model_max_length)
+    except TypeError:  # older transformers: the slow tokenizer takes file paths
+        tok = HFCLIPTokenizer(vocab_file=str(vocab_path), merges_file=str(merges_path), pad_token=pad_token,
+                              model_max_length=model_max_length)
+    if folder is not None:
+        tok.save_pretrained(str(folder))
+    return tok
 
 
 class CLIPTokenizer:
