@@ -171,3 +171,12 @@ def test_pipeline_folder_picks_the_stage_subfolder(tmp_path):
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
     assert isinstance(load_stage_c(tmp_path / "pipe"), StageC)
     assert isinstance(load_stage_a(tmp_path / "pipe"), StageA)
+
+
+def test_diffusers_bin_weights_load(tmp_path):
+    ref = make_diffusers_vqgan()
+    ref.save_pretrained(tmp_path / "vq", safe_serialization=False)
+    assert (tmp_path / "vq" / "diffusion_pytorch_model.bin").is_file()
+    images = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert relative_error(load_stage_a(tmp_path / "vq").encode(images), ref.encode(images).latents) <= PARITY_RTOL
