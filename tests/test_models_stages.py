@@ -180,3 +180,17 @@ def test_diffusers_bin_weights_load(tmp_path):
     images = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         assert relative_error(load_stage_a(tmp_path / "vq").encode(images), ref.encode(images).latents) <= PARITY_RTOL
+
+
+def test_explicit_config_overrides_inference(tmp_path):
+    from wuerstchen_fast.models import StageCConfig
+
+    ref = make_diffusers_prior(c=64, nhead=4, depth=1)
+    _save_original(ref, tmp_path / "c.pt")
+    inputs = _prior_inputs(ref)
+    cfg = StageCConfig(c_in=16, c=64, c_cond=48, c_r=64, depth=1, nhead=4)
+    with torch.no_grad():
+        assert relative_error(load_stage_c(tmp_path / "c.pt", config=cfg)(*inputs), ref(*inputs)) <= PARITY_RTOL
+        # inferred head count (64 / 64 = 1 head) is a different model: the output must differ
+        assert load_stage_c(tmp_path / "c.pt").config.nhead == 1
+        assert relative_error(load_stage_c(tmp_path / "c.pt")(*inputs), ref(*inputs)) > 1e-3
