@@ -1,0 +1,107 @@
+"""The `wuerstchen-fast` command line. One subcommand per task: `sample` now, `train` later.
+
+    wuerstchen-fast sample "a cat in a spacesuit" --out cat.png --prior DIR --decoder DIR --seed 0
+
+Each subcommand registers itself in `_SUBCOMMANDS` with a function that adds its arguments and a
+function that runs it; `main()` parses and dispatches, and turns user errors into one clear line
+on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="+", help="text prompt(s); several prompts make a batch, one image set each")
+    p.add_argument("--out", "-o", default="out.png",
+                   help="output PNG path (default out.png); with several images, NAME_0.png, NAME_1.png, ...")
+    w = p.add_argument_group("weights (diffusers repo folders; no default weights are bundled yet)")
+    w.add_argument("--prior", help="folder of warp-ai/wuerstchen-prior (model_index.json, prior/, text_encoder/, "
+                                   "tokenizer/, scheduler/)")
+    w.add_argument("--decoder", help="folder of warp-ai/wuerstchen (decoder/, vqgan/, text_encoder/, tokenizer/, "
+                                     "scheduler/)")
+    w.add_argument("--weights", help="one folder with both stages: a saved WuerstchenCombinedPipeline, or a folder "
+                                     "holding prior/ and decoder/ repos (instead of --prior/--decoder)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--negative", default=None, help="negative prompt (used where guidance is on)")
+    g.add_argument("--height", type=int, default=1024,
+                   help="image height in pixels (default 1024); the image side is 4*int(ceil(H/42.67)*10.67)")
+    g.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024), same rule")
+    g.add_argument("--seed", type=int, default=None, help="random seed (a CPU generator: same image on any device)")
+    g.add_argument("--prior-steps", type=int, default=60, help="Stage C denoising steps (default 60)")
+    g.add_argument("--prior-fast", action="store_true",
+                   help="use the released 29-step Stage C schedule DEFAULT_STAGE_C_TIMESTEPS instead of --prior-steps")
+    g.add_argument("--prior-guidance", type=float, default=4.0,
+                   help="Stage C classifier-free guidance scale (default 4.0; applied only when > 1)")
+    g.add_argument("--steps", type=int, default=12, help="Stage B denoising steps (default 12)")
+    g.add_argument("--decoder-guidance", type=float, default=0.0,
+                   help="Stage B classifier-free guidance scale (default 0.0 = off; applied only when > 1)")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default float32; bfloat16 recommended on GPU, float16 may overflow)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the denoising steps")
+    r.add_argument("--cuda-graphs", action="store_true", help="capture the denoising steps in CUDA graphs (CUDA only)")
+    r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from .pipeline import DEFAULT_STAGE_C_TIMESTEPS, load_pipeline
+
+    pipe = load_pipeline(args.prior, args.decoder, weights=args.weights, device=args.device, dtype=args.dtype,
+                         compile=args.compile, cuda_graphs=args.cuda_graphs)
+    prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+    images = pipe(
+        prompts, height=args.height, width=args.width, negative_prompt=args.negative,
+        prior_num_inference_steps=args.prior_steps,
+        prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS if args.prior_fast else None,
+        prior_guidance_scale=args.prior_guidance, num_inference_steps=args.steps,
+        decoder_guidance_scale=args.decoder_guidance, num_images_per_prompt=args.num_images, seed=args.seed,
+        output_type="pil", progress=not args.no_progress,
+    ).images
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        out = out.with_suffix(out.suffix + ".png") if out.suffix else out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    for img, path in zip(images, paths):
+        img.save(path, format="PNG")
+        print(path)
+    return 0
+
+
+# name -> (help, add arguments, run)
+_SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "sample": ("generate images from text prompts and write PNG files", _add_sample_args, _run_sample),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wuerstchen-fast",
+        description="Fast Würstchen text-to-image: Stage C prior -> Stage B decoder -> Stage A VQGAN.")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
+    for name, (help_text, add_args, run) in _SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+        print(f"wuerstchen-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
