@@ -140,3 +140,14 @@ def test_compiled_denoisers_equal_eager(tiny_repos, pipes):
     kw = dict(prompt="x", height=128, width=128, prior_num_inference_steps=2, num_inference_steps=2,
               prior_guidance_scale=4.0, decoder_guidance_scale=2.0, seed=0, output_type="pt", progress=False)
     torch.testing.assert_close(compiled(**kw).images, eager(**kw).images, rtol=0, atol=COMPILE_ATOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_equal_eager_on_cuda(tiny_repos):
+    eager = load_pipeline(*tiny_repos, device="cuda")
+    graphed = load_pipeline(*tiny_repos, device="cuda", cuda_graphs=True)
+    kw = dict(prompt=["x", "y"], height=128, width=256, prior_num_inference_steps=3, num_inference_steps=3,
+              prior_guidance_scale=4.0, decoder_guidance_scale=2.0, seed=0, output_type="pt", progress=False)
+    expected = eager(**kw).images
+    torch.testing.assert_close(graphed(**kw).images, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(graphed(**kw).images, expected, rtol=0, atol=1e-5)  # replayed graphs
