@@ -1,0 +1,11 @@
+"""Ops of wuerstchen_fast, each dispatched through the backend registry (see registry.py).
+
+Every op here is a plain function `op(*inputs, backend=None)`; its pure-PyTorch reference lives in
+`wuerstchen_fast.ops.reference`.
+"""
+from . import reference, registry
+from .layer_norm_2d import layer_norm_2d
+from .registry import BackendUnavailableError, backend, get_backend, set_backend
+
+__all__ = ["layer_norm_2d", "reference", "registry", "backend", "set_backend", "get_backend",
+           "BackendUnavailableError"]
