@@ -1,10 +1,4 @@
-"""The pure-PyTorch reference of every op: the one place it is written.
-
-Each function here is at once the test oracle, the `torch` backend, the benchmark baseline and
-the "equivalent code" a kernel's docstring points to. Tests and benchmarks import these; nobody
-rewrites them. They follow the released Würstchen code (and diffusers) operation for operation,
-so that the `torch` backend reproduces the reference models bit for bit.
-"""
+"""Reference: normalisation ops (see the package docstring for the role of references)."""
 from __future__ import annotations
 
 import torch

@@ -1,0 +1,10 @@
+"""The pure-PyTorch reference of every op: the one place each is written.
+
+Each function here is at once the test oracle, the `torch` backend, the benchmark baseline and the
+"equivalent code" a kernel's docstring points to. Tests and benchmarks import these; nobody rewrites
+them. They follow the released Würstchen code (and diffusers) operation for operation, so the
+`torch` backend reproduces the reference models bit for bit. One module per op family.
+"""
+from .norm import layer_norm_2d
+
+__all__ = ["layer_norm_2d"]
