@@ -1,6 +1,7 @@
-"""The `wuerstchen-fast` command line. One subcommand per task: `sample` now, `train` later.
+"""The `wuerstchen-fast` command line. One subcommand per task: `sample`, `train`.
 
     wuerstchen-fast sample "a cat in a spacesuit" --out cat.png --prior DIR --decoder DIR --seed 0
+    wuerstchen-fast train stage-c --config configs/shapes/stage_c.json train.steps=100 [--resume] [--backend torch]
 
 Each subcommand registers itself in `_SUBCOMMANDS` with a function that adds its arguments and a
 function that runs it; `main()` parses and dispatches, and turns user errors into one clear line
@@ -76,9 +77,50 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=["stage-a", "stage-b", "stage-c"], help="which stage to train")
+    p.add_argument("--config", "-c", default=None,
+                   help="training config (.json, .toml or .yaml; see configs/); default: built-in tiny defaults")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides right after the stage, e.g. train.steps=200 optim.lr=3e-4 "
+                        "data.path='shards/{000..009}.tar' (after other options use --set)")
+    p.add_argument("--set", dest="more_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="one config override (repeatable, anywhere on the line)")
+    p.add_argument("--output-dir", "-o", default=None, help="run folder (checkpoints, metrics.jsonl, samples, model/)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in the output dir (or from the given checkpoint folder)")
+    p.add_argument("--backend", default=None,
+                   help="fused-op backend for the whole run: torch (eager reference), auto, triton, cpu, cuda")
+    p.add_argument("--fused", dest="fused", action="store_true", default=None, help="same as --backend auto")
+    p.add_argument("--no-fused", dest="fused", action="store_false", help="same as --backend torch")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (train.steps)")
+    p.add_argument("--seed", type=int, default=None, help="run seed")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training import load_config, train
+
+    over = list(args.overrides) + list(args.more_overrides)
+    over.append(f"stage={args.stage.replace('-', '_')}")
+    if args.output_dir:
+        over.append(f"output_dir={args.output_dir}")
+    backend = args.backend or ({True: "auto", False: "torch"}[args.fused] if args.fused is not None else None)
+    if backend:
+        over.append(f"train.backend={backend}")
+    if args.steps is not None:
+        over.append(f"train.steps={args.steps}")
+    if args.seed is not None:
+        over.append(f"seed={args.seed}")
+    result = train(load_config(args.config, over), resume=args.resume)
+    if result.model_dir:
+        print(result.model_dir)
+    return 0
+
+
 # name -> (help, add arguments, run)
 _SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "sample": ("generate images from text prompts and write PNG files", _add_sample_args, _run_sample),
+    "train": ("train Stage A, B or C from a config (single process or under torchrun)", _add_train_args, _run_train),
 }
 
 
