@@ -57,9 +57,7 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * nx) + self.beta + x
+        return ops.grn(x, self.gamma, self.beta)
 
 
 def _channelwise_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
@@ -122,7 +120,7 @@ class TimestepBlock(nn.Module):
 
     @staticmethod
     def _modulate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return x * (1 + a[:, :, None, None]) + b[:, :, None, None]
+        return ops.modulate(x, a, b)
 
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
         a, b = self.mapper(r_embed).chunk(2, dim=1)

@@ -7,4 +7,7 @@ them. They follow the released Würstchen code (and diffusers) operation for ope
 """
 from .norm import layer_norm_2d
 
-__all__ = ["layer_norm_2d"]
+from .convnext import grn, resblock, resblock_stage_b
+from .modulation import modulate
+
+__all__ = ["layer_norm_2d", "grn", "resblock", "resblock_stage_b", "modulate"]
