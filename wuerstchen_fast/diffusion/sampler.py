@@ -1,8 +1,10 @@
 """The reverse-diffusion loop shared by Stage C and Stage B.
 
 One step = denoiser call (batch doubled to [cond, uncond] when guidance is on) -> classifier-free
-guidance `lerp(ε_uncond, ε_cond, w)` -> `ddpm_step`. The loop is written for CUDA graphs and
-torch.compile: every shape is fixed for the whole chain, the t values are precomputed tensors on
+guidance `lerp(ε_uncond, ε_cond, w)` -> `ddpm_step`. The last two (and the model's output head, when
+the model exposes it as `eps_head` + `forward_raw`, as StageC and StageB do) run as one registered
+op, `ops.ddpm_step`: one Triton kernel on the GPU, the bit-exact reference on the `torch` backend.
+The loop is written for CUDA graphs and torch.compile: every shape is fixed for the whole chain, the t values are precomputed tensors on
 the device (indexing one is a view, not a copy to the host), the step takes tensors only, and the
 only per-step work outside the step is drawing the noise from the generator (in the same order and
 shape as diffusers, so seeds reproduce its images). `compile=True` wraps the step in
@@ -14,18 +16,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from .ddpm import ddpm_step
+from .. import ops
+from ..ops.reference.ddpm import cfg_combine
 from .schedule import S_OFFSET, _constants
 
 __all__ = ["DenoiseLoop", "cfg_combine", "draw_noise"]
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def cfg_combine(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance on a [cond, uncond] batch: lerp(ε_uncond, ε_cond, w)."""
-    eps_cond, eps_uncond = eps.chunk(2)
-    return torch.lerp(eps_uncond, eps_cond, guidance_scale)
 
 
 def draw_noise(
@@ -89,6 +86,10 @@ class DenoiseLoop:
     `model(x, r, *conds) -> ε̂` is the denoiser (Stage C: conds = (text,), Stage B: conds =
     (effnet, text)). With `guidance_scale > 1` the conds must already be batched [cond, uncond]
     (twice the batch of `x`); the loop doubles `x` and r itself.
+
+    A model with `eps_head` ("stage_c" / "stage_b") and `forward_raw(x, r, *conds)` (the output
+    before its head) has the head fused into the step op; `forward_raw` is then called directly
+    (module hooks on `forward` do not run). Any other callable is treated as returning ε̂.
     """
 
     def __init__(
@@ -102,6 +103,9 @@ class DenoiseLoop:
         cuda_graphs: bool = False,
     ):
         self.model = model
+        head, raw = getattr(model, "eps_head", None), getattr(model, "forward_raw", None)
+        self._head = head if isinstance(head, str) and callable(raw) else "eps"
+        self._denoise = raw if self._head != "eps" else model
         self.guidance_scale = float(guidance_scale)
         self.do_cfg = self.guidance_scale > 1
         self.s = s
@@ -119,11 +123,11 @@ class DenoiseLoop:
         """One denoising step; tensors in, tensor out, no host synchronization."""
         r = r.expand(x.shape[0])
         if self.do_cfg:
-            eps = self.model(torch.cat([x, x]), torch.cat([r, r]), *conds)
-            eps = cfg_combine(eps, self.guidance_scale)
+            out = self._denoise(torch.cat([x, x]), torch.cat([r, r]), *conds)
         else:
-            eps = self.model(x, r, *conds)
-        return ddpm_step(x, eps, t, t_prev, noise, s=self.s, scaler=self.scaler)
+            out = self._denoise(x, r, *conds)
+        return ops.ddpm_step(x, out, t, t_prev, noise, guidance=self.guidance_scale, head=self._head,
+                             s=self.s, scaler=self.scaler)
 
     @torch.no_grad()
     def __call__(

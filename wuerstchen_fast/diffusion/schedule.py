@@ -49,8 +49,12 @@ def _constants(s: float) -> tuple[float, float, float]:
 
 
 def alpha_cumprod(t: torch.Tensor, s: float = S_OFFSET, scaler: float = 1.0) -> torch.Tensor:
-    """ᾱ(t) for a tensor of continuous timesteps, computed in float32 (any shape, any device)."""
-    t = t.float()
+    """ᾱ(t) for a tensor of continuous timesteps, computed in float32 (any shape, any device).
+
+    A float64 `t` stays float64 (with the same float32-rounded constants): the exact oracle the
+    fused step kernel's tests measure float32 errors against.
+    """
+    t = t if t.dtype == torch.float64 else t.float()
     if scaler > 1:
         t = 1 - (1 - t) ** scaler
     elif scaler < 1:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.reference.ddpm import STAGE_B_HEAD_EPS, stage_b_head
 from .blocks import AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, r_embedding
 from .configs import StageBConfig
 
@@ -18,6 +19,9 @@ __all__ = ["StageB"]
 
 
 class StageB(nn.Module):
+    # The sampler fuses this output head (with eps=1e-3) into its DDPM step op via forward_raw.
+    eps_head = "stage_b"
+
     def __init__(self, config: StageBConfig | None = None):
         super().__init__()
         self.config = cfg = config if config is not None else StageBConfig.v2()
@@ -125,13 +129,15 @@ class StageB(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, clip: torch.Tensor | None = None,
-                eps: float = 1e-3) -> torch.Tensor:
+                eps: float = STAGE_B_HEAD_EPS) -> torch.Tensor:
+        return stage_b_head(x, self.forward_raw(x, r, effnet, clip), eps)
+
+    def forward_raw(self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor,
+                    clip: torch.Tensor | None = None) -> torch.Tensor:
+        """The output before the head: (B, 2 c_out, H, W), a then b along channels."""
         r_embed = self.gen_r_embedding(r)
         if clip is not None:
             clip = self.gen_c_embeddings(clip)
-        x_in = x
         x = self.embedding(x)
         x = self._up_decode(self._down_encode(x, r_embed, effnet, clip), r_embed, effnet, clip)
-        a, b = self.clf(x).chunk(2, dim=1)
-        b = b.sigmoid() * (1 - eps * 2) + eps
-        return (x_in - a) / b
+        return self.clf(x)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops.reference.ddpm import stage_c_head
 from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding
 from .configs import StageCConfig
 
@@ -15,6 +16,9 @@ __all__ = ["StageC"]
 
 
 class StageC(nn.Module):
+    # The sampler fuses this output head into its DDPM step op (ops.ddpm_step) via forward_raw.
+    eps_head = "stage_c"
+
     def __init__(self, config: StageCConfig | None = None):
         super().__init__()
         self.config = cfg = config if config is not None else StageCConfig.v2()
@@ -33,7 +37,10 @@ class StageC(nn.Module):
         return r_embedding(r, self.c_r)
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x_in = x
+        return stage_c_head(x, self.forward_raw(x, r, c))
+
+    def forward_raw(self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The output before the head: (B, 2 c_in, h, w), a then b along channels."""
         x = self.projection(x)
         c_embed = self.cond_mapper(c)
         r_embed = self.gen_r_embedding(r)
@@ -44,5 +51,4 @@ class StageC(nn.Module):
                 x = block(x, r_embed)
             else:
                 x = block(x)
-        a, b = self.out(x).chunk(2, dim=1)
-        return (x_in - a) / ((1 - b).abs() + 1e-5)
+        return self.out(x)

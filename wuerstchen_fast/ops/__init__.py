@@ -5,9 +5,10 @@ Every op here is a plain function `op(*inputs, backend=None)`; its pure-PyTorch 
 """
 from . import reference, registry
 from .layer_norm_2d import layer_norm_2d
+from .ddpm import ddpm_step
 from .grn import grn
 from .modulation import modulate
 from .registry import BackendUnavailableError, backend, get_backend, set_backend
 
-__all__ = ["layer_norm_2d", "grn", "modulate", "reference", "registry", "backend", "set_backend", "get_backend",
+__all__ = ["layer_norm_2d", "ddpm_step", "grn", "modulate", "reference", "registry", "backend", "set_backend", "get_backend",
            "BackendUnavailableError"]

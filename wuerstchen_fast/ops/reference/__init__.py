@@ -6,8 +6,9 @@ them. They follow the released Würstchen code (and diffusers) operation for ope
 `torch` backend reproduces the reference models bit for bit. One module per op family.
 """
 from .norm import layer_norm_2d
+from .ddpm import ddpm_step_fused
 
 from .convnext import grn, resblock, resblock_stage_b
 from .modulation import modulate
 
-__all__ = ["layer_norm_2d", "grn", "resblock", "resblock_stage_b", "modulate"]
+__all__ = ["layer_norm_2d", "ddpm_step_fused", "grn", "resblock", "resblock_stage_b", "modulate"]
