@@ -38,6 +38,10 @@ class TextEncoder:
 
     def __call__(self, prompts: list[str], device, dtype) -> torch.Tensor:
         tok = self.tokenizer
+        if not hasattr(tok, "model_max_length"):  # our offline tokenizer (models.text.CLIPTokenizer)
+            ids, mask = tok(prompts)
+            out = self.model(ids.to(device), attention_mask=mask.to(device))
+            return getattr(out, "last_hidden_state", out).to(dtype)
         max_len = tok.model_max_length
         enc = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
         full = tok(prompts, padding="longest", return_tensors="pt").input_ids

@@ -1,0 +1,51 @@
+# One-command set-up and the project's main jobs. Every target creates the virtual environment at
+# .venv on first use (installing torch==2.14.1/torchvision==0.29.1 when it has no torch) and reuses it.
+#
+#   make demo        sample an image with the default weights -> out/demo.png
+#   make test        the test suite (what CI runs)
+#   make bench-cpu   the CPU benchmark suite (not part of CI), results into bench/results/
+#   make build       (re)build the compiled extension in place
+#   make wheel       build a wheel into dist/
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.14.1 torchvision==0.29.1
+# Test dependencies (oracles and runners). Pinned: diffusers is the numerical oracle of the
+# parity tests, and its deprecated Würstchen code is what we match.
+TEST_DEPS := pytest==9.2.0 pytest-benchmark==5.3.1 diffusers==0.42.1 transformers==5.23.0 \
+             build==1.6.1
+PROMPT ?= a red circle on a blue background
+
+.PHONY: demo test bench-cpu build wheel venv clean
+
+# The stamp is rebuilt when the build inputs change, which rebuilds the extension.
+$(VENV)/.installed: setup.py pyproject.toml CMakeLists.txt csrc/sources.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp kernels/cuda/*.cu kernels/cuda/*.cuh)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel ninja
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
+	@command -v cmake >/dev/null || $(BIN)/python -m pip install -q cmake
+	$(BIN)/python -m pip install -q $(TEST_DEPS)
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	@mkdir -p out
+	$(BIN)/python -m wuerstchen_fast.demo --out out/demo.png "$(PROMPT)"
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench-cpu: $(VENV)/.installed
+	bash bench/run_cpu.sh
+
+build: $(VENV)/.installed
+	$(BIN)/python setup.py -q build_ext --inplace
+
+wheel: $(VENV)/.installed
+	$(BIN)/python -m build --no-isolation --wheel
+
+clean:
+	rm -rf build dist *.egg-info wuerstchen_fast/_C*.so out
