@@ -113,3 +113,11 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path, assets):
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(None, ["optim.learning_rate=1"])
+
+
+def test_grad_checkpointing_same_curve_same_keys(tmp_path, assets):
+    ref = train(_cfg("stage_b", tmp_path / "ref", assets, "train.steps=3"))
+    ck = train(_cfg("stage_b", tmp_path / "ck", assets, "train.steps=3", "train.grad_checkpointing=true"))
+    torch.testing.assert_close(torch.tensor(ck.losses), torch.tensor(ref.losses), rtol=1e-5, atol=1e-7)
+    assert load_file(str(tmp_path / "ck" / "model" / "model.safetensors")).keys() == \
+        load_file(str(tmp_path / "ref" / "model" / "model.safetensors")).keys()
