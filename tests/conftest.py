@@ -26,3 +26,21 @@ def pytest_report_header(config):
 
     return [f"wuerstchen_fast: device={DEVICE} TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} "
             f"_C={build_info()}"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: on a machine without one they are deselected (and counted in
+    the summary), not skipped one by one; bench/gpu_runner.sh runs them on a GPU."""
+    if DEVICE == "cuda":
+        return
+    gpu = [item for item in items if item.get_closest_marker("cuda")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+        config._wf_gpu_only = len(gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = getattr(config, "_wf_gpu_only", 0)
+    if n:
+        terminalreporter.write_line(f"wuerstchen_fast: {n} GPU-only tests (marked cuda) not run: no CUDA device here")
