@@ -257,11 +257,13 @@ def grn_bwd(dy, x, gamma, st):
 
 # ------------------------------------------------------------------------------ compile specs
 
-CONSTEXPR_PREFIXES = ("BLOCK", "MODE", "GELU", "HAS", "KS", "KG", "PREC", "GROUP")
+CONSTEXPR_PREFIXES = ("BLOCK", "MODE", "GELU", "HAS", "KS", "IEEE", "UPCAST", "SAVE_PRE")
 
 
-def sig(kernel, ptrs: dict) -> dict:
-    """Triton signature: pointers as given ({name: "*bf16"}), BLOCK*/flags constexpr, strides i64."""
+def sig(kernel, ptrs: dict, stride_type: str = "i64") -> dict:
+    """Triton signature: pointers as given ({name: "*bf16"}), BLOCK*/flags constexpr, strides
+    `stride_type` (the JIT types an int argument i32 when it fits, as every stride of the released
+    shapes does), other ints i32."""
     out = {}
     for n in kernel.arg_names:
         if n in ptrs:
@@ -271,7 +273,7 @@ def sig(kernel, ptrs: dict) -> dict:
         elif n in ("eps",):
             out[n] = "fp32"
         else:
-            out[n] = "i64" if n.startswith("s") else "i32"
+            out[n] = stride_type if n.startswith("s") else "i32"
     return out
 
 

@@ -79,13 +79,16 @@ class ResBlock(nn.Module):
         self.norm = LayerNorm2d()
         self.channelwise = _channelwise_mlp(c, c, dropout)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """Channelwise MLP of a (B, C, H, W) tensor, computed channels-last."""
-        return self.channelwise(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    def _params(self) -> tuple:
+        lin1, grn, drop, lin2 = self.channelwise[0], self.channelwise[2], self.channelwise[3], self.channelwise[4]
+        return (self.depthwise.weight, self.depthwise.bias, lin1.weight, lin1.bias, grn.gamma, grn.beta,
+                lin2.weight, lin2.bias), drop.p
 
-    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None) -> torch.Tensor:
-        h = x if x_skip is None else torch.cat([x, x_skip], dim=1)
-        return self._mlp(self.norm(self.depthwise(h))) + x
+    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None,
+                mod: tuple | None = None) -> torch.Tensor:
+        """The whole block as one op (`ops.resblock`); `mod=(a, b)` folds the next TimestepBlock."""
+        params, p = self._params()
+        return ops.resblock(x, x_skip, *params, dropout=p, training=self.training, mod=mod, eps=self.norm.eps)
 
 
 class ResBlockStageB(nn.Module):
@@ -101,14 +104,12 @@ class ResBlockStageB(nn.Module):
         self.norm = LayerNorm2d()
         self.channelwise = _channelwise_mlp(c + c_skip, c, dropout)
 
-    def _mlp(self, x: torch.Tensor, x_skip: torch.Tensor | None) -> torch.Tensor:
-        """Channelwise MLP over cat[x, skip]; a fused op would split the first GEMM's K instead."""
-        if x_skip is not None:
-            x = torch.cat([x, x_skip], dim=1)
-        return self.channelwise(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    _params = ResBlock._params
 
     def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None) -> torch.Tensor:
-        return self._mlp(self.norm(self.depthwise(x)), x_skip) + x
+        """The whole block as one op (`ops.resblock_stage_b`): the skip is the first GEMM's second K-input."""
+        params, p = self._params()
+        return ops.resblock_stage_b(x, x_skip, *params, dropout=p, training=self.training, eps=self.norm.eps)
 
 
 class TimestepBlock(nn.Module):

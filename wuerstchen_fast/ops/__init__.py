@@ -8,7 +8,8 @@ from .layer_norm_2d import layer_norm_2d
 from .ddpm import ddpm_step
 from .grn import grn
 from .modulation import modulate
+from .resblock import resblock, resblock_stage_b
 from .registry import BackendUnavailableError, backend, get_backend, set_backend
 
-__all__ = ["layer_norm_2d", "ddpm_step", "grn", "modulate", "reference", "registry", "backend", "set_backend", "get_backend",
+__all__ = ["layer_norm_2d", "ddpm_step", "grn", "modulate", "resblock", "resblock_stage_b", "reference", "registry", "backend", "set_backend", "get_backend",
            "BackendUnavailableError"]
