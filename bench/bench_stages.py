@@ -1,0 +1,168 @@
+"""Per-stage benches: one denoising step of Stage C and of Stage B, and a Stage A decode.
+
+    stage_c  one step of the prior at 1024x1024 (24x24 latents), classifier-free guidance on: the
+             denoiser runs on batch 2 ([cond, uncond]), then the CFG lerp and the DDPM step
+    stage_b  one step of the decoder at 1024x1024 (256x256 latents), guidance off (batch 1)
+    stage_a  VQGAN decode of a 4x256x256 latent to a 1024x1024 image
+
+At size "released" (a GPU, bf16) the models have the v2 sizes; at "small" (a CPU, fp32) they keep
+the released layouts at narrow widths and smaller images, so the suite runs in minutes and never
+rots. Weights are random (wuerstchen_fast.testing.random_models), the same for diffusers and ours.
+
+Providers (the baseline is diffusers' eager model, what issue 10's targets are stated against):
+    diffusers          diffusers' WuerstchenPrior / WuerstchenDiffNeXt / PaellaVQModel, eager
+    diffusers-compile  the same under diffusers' recipe, torch.compile(mode="reduce-overhead", fullgraph=True)
+    torch              our model with every op on the pure-PyTorch reference backend
+    auto               our model, backends chosen by the registry (the default)
+    triton, cuda, cpu  our model with that backend first ("<name>,torch"), skipped where it cannot run
+    auto-compile       our step under torch.compile (what `compile=True` does)
+    auto-cudagraphs, auto-compile-cudagraphs   our step captured in a CUDA graph (CUDA only)
+FLOPs are counted once per stage by torch's FlopCounterMode on the diffusers model (matmuls,
+convolutions, attention), so TFLOP/s compares every provider against the same work.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wuerstchen_fast
+from bench.common import DEVICE, SIZE, skip_unless_backend_available
+from wuerstchen_fast.diffusion import DenoiseLoop
+from wuerstchen_fast.testing.random_models import (SIZES, make_diffusers_decoder, make_diffusers_prior,
+                                                   make_diffusers_vqgan, ours_from_diffusers, scale_output_heads_)
+
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+CFG = SIZES["v2" if SIZE == "released" else "small"]
+# Latent sizes: released = 1024x1024 images; small = 512x512-equivalent decoder latents on CPU.
+GEOMETRY = {
+    "released": dict(c_hw=(24, 24), b_hw=(256, 256), a_hw=(256, 256)),
+    "small": dict(c_hw=(24, 24), b_hw=(128, 128), a_hw=(64, 64)),
+}[SIZE]
+
+STEP_PROVIDERS = ("diffusers", "diffusers-compile", "torch", "auto", "triton", "cuda", "cpu", "auto-compile",
+                  "auto-cudagraphs", "auto-compile-cudagraphs")
+DECODE_PROVIDERS = ("diffusers", "diffusers-compile", "torch", "auto", "triton", "cuda", "cpu", "auto-compile")
+
+_MODELS: dict = {}
+_FLOPS: dict = {}
+
+
+def _models(stage: str):
+    """(diffusers model, our model with the same weights), built once per session."""
+    if stage not in _MODELS:
+        _MODELS.clear()  # one stage resident at a time: the v2 models are GBs each
+        kw = dict(device=DEVICE)
+        if stage == "stage_c":
+            ref = make_diffusers_prior(2, **kw, **CFG["prior"])
+        elif stage == "stage_b":
+            ref = make_diffusers_decoder(4, **kw, **CFG["decoder"])
+            scale_output_heads_(ref)
+        else:
+            ref = make_diffusers_vqgan(5, **kw, **CFG["vqgan"])
+        ref = ref.to(DTYPE)
+        _MODELS[stage] = (ref, ours_from_diffusers(ref))
+    return _MODELS[stage]
+
+
+def _inputs(stage: str, n_sets: int = 2):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, device=DEVICE, dtype=DTYPE)
+
+    def t(v, dtype=torch.float32):
+        return torch.tensor(v, device=DEVICE, dtype=dtype)
+
+    sets = []
+    for _ in range(n_sets):
+        if stage == "stage_c":
+            p = CFG["prior"]
+            x = randn(1, p["c_in"], *GEOMETRY["c_hw"])
+            sets.append((x, t(0.8, DTYPE), t(0.8), t(0.75), randn(*x.shape), randn(2, 77, p["c_cond"])))
+        elif stage == "stage_b":
+            d = CFG["decoder"]
+            x = randn(1, d["c_in"], *GEOMETRY["b_hw"])
+            effnet_hw = tuple(max(1, round(s / 10.67)) for s in GEOMETRY["b_hw"])
+            sets.append((x, t(0.6, DTYPE), t(0.6), t(0.4), randn(*x.shape), randn(1, d["effnet_embd"], *effnet_hw),
+                         randn(1, 77, d["clip_embd"])))
+        else:
+            sets.append((randn(1, CFG["vqgan"]["latent_channels"], *GEOMETRY["a_hw"]),))
+    return sets
+
+
+def _count_flops(fn, args) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return float(counter.get_total_flops())
+
+
+def _step_fn(model, guidance: float, *, compile=False, graphs=False):
+    return DenoiseLoop(model, guidance, compile=compile, cuda_graphs=graphs)._step
+
+
+def _callable(stage: str, provider: str):
+    """The function the provider times, and the backend request it runs under (None = auto)."""
+    ref, ours = _models(stage)
+    if "cudagraphs" in provider and DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    if provider in ("triton", "cuda", "cpu"):
+        skip_unless_backend_available(provider)
+    if "compile" in provider:
+        torch._dynamo.reset()  # each compiled provider starts from a clean cache (no recompile limits)
+    request = {"torch": "torch", "triton": "triton,torch", "cuda": "cuda,torch", "cpu": "cpu,torch"}.get(provider)
+
+    if stage == "stage_a":
+        if provider == "diffusers":
+            return (lambda x: ref.decode(x).sample), None
+        if provider == "diffusers-compile":
+            dec = torch.compile(ref.decode, mode="reduce-overhead", fullgraph=True)
+            return (lambda x: dec(x).sample), None
+        if provider == "auto-compile":
+            return torch.compile(ours.decode, dynamic=False), None
+        return ours.decode, request
+
+    guidance = 4.0 if stage == "stage_c" else 0.0
+    if provider == "diffusers":
+        return _step_fn(ref, guidance), None
+    if provider == "diffusers-compile":
+        return _step_fn(torch.compile(ref, mode="reduce-overhead", fullgraph=True), guidance), None
+    if provider in ("auto-compile", "auto-cudagraphs", "auto-compile-cudagraphs"):
+        return _step_fn(ours, guidance, compile="compile" in provider, graphs="cudagraphs" in provider), None
+    return _step_fn(ours, guidance), request
+
+
+def _run(benchmark, measure, stage: str, provider: str, label: str):
+    fn, request = _callable(stage, provider)
+    sets = _inputs(stage)
+
+    def call(*args):
+        with wuerstchen_fast.backend(request):
+            return fn(*args)
+
+    if stage not in _FLOPS:
+        _FLOPS[stage] = _count_flops(_callable(stage, "diffusers")[0], sets[0])
+    flops = _FLOPS[stage]
+    with torch.no_grad():
+        out = measure(benchmark, call, sets, group=f"{stage} {label} {SIZE} {str(DTYPE)[6:]}", provider=provider,
+                      baseline=provider == "diffusers", flops=flops, min_rounds=3)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("provider", STEP_PROVIDERS)
+def test_stage_c_step(benchmark, measure, provider):
+    h, w = GEOMETRY["c_hw"]
+    _run(benchmark, measure, "stage_c", provider, f"step B=2(CFG) {h}x{w}")
+
+
+@pytest.mark.parametrize("provider", STEP_PROVIDERS)
+def test_stage_b_step(benchmark, measure, provider):
+    h, w = GEOMETRY["b_hw"]
+    _run(benchmark, measure, "stage_b", provider, f"step B=1 {h}x{w}")
+
+
+@pytest.mark.parametrize("provider", DECODE_PROVIDERS)
+def test_stage_a_decode(benchmark, measure, provider):
+    h, w = GEOMETRY["a_hw"]
+    _run(benchmark, measure, "stage_a", provider, f"decode 4x{h}x{w}")
