@@ -22,6 +22,8 @@ convolutions, attention), so TFLOP/s compares every provider against the same wo
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -109,6 +111,9 @@ def _callable(stage: str, provider: str):
         pytest.skip("CUDA graphs need a CUDA device")
     if provider in ("triton", "cuda", "cpu"):
         skip_unless_backend_available(provider)
+    if "compile" in provider and DEVICE != "cuda" and stage != "stage_c" and not os.environ.get("WF_BENCH_CPU_COMPILE"):
+        pytest.skip("on a CPU only Stage C runs compiled (each compile takes minutes on 2 cores); "
+                    "set WF_BENCH_CPU_COMPILE=1 for all")
     if "compile" in provider:
         torch._dynamo.reset()  # each compiled provider starts from a clean cache (no recompile limits)
     request = {"torch": "torch", "triton": "triton,torch", "cuda": "cuda,torch", "cpu": "cpu,torch"}.get(provider)

@@ -241,7 +241,7 @@ _MEDIANS: dict = {}  # (group, provider) -> median seconds, and (group, None) ->
 
 
 def _budget() -> float:
-    return float(os.environ.get("WF_BENCH_BUDGET_S", "1.0" if DEVICE == "cuda" else "2.0"))
+    return float(os.environ.get("WF_BENCH_BUDGET_S", "1.0"))
 
 
 def measure(benchmark, fn: Callable, input_sets: Sequence[tuple], *, group: str, provider: str,
