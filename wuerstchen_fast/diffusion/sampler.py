@@ -4,14 +4,16 @@ One step = denoiser call (batch doubled to [cond, uncond] when guidance is on) -
 guidance `lerp(ε_uncond, ε_cond, w)` -> `ddpm_step`. The last two (and the model's output head, when
 the model exposes it as `eps_head` + `forward_raw`, as StageC and StageB do) run as one registered
 op, `ops.ddpm_step`: one Triton kernel on the GPU, the bit-exact reference on the `torch` backend.
-The loop is written for CUDA graphs and torch.compile: every shape is fixed for the whole chain, the t values are precomputed tensors on
-the device (indexing one is a view, not a copy to the host), the step takes tensors only, and the
-only per-step work outside the step is drawing the noise from the generator (in the same order and
-shape as diffusers, so seeds reproduce its images). `compile=True` wraps the step in
-`torch.compile`; `cuda_graphs=True` captures it once per chain shape and replays it.
+The loop is written for CUDA graphs and torch.compile: every shape is fixed for the whole chain,
+the t values are precomputed tensors on the device (indexing one is a view, not a copy to the host),
+the step takes tensors only, and the only per-step work outside the step is drawing the noise from
+the generator (in the same order and shape as diffusers, so seeds reproduce its images).
+`compile=True` compiles the step (once per input signature, never a recompile); `cuda_graphs=True`
+captures it once per chain shape and replays it.
 """
 from __future__ import annotations
 
+import types
 from typing import Callable, Sequence
 
 import torch
@@ -45,6 +47,14 @@ def draw_noise(
             return torch.cat(parts, dim=0)
     rand_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+def _own_frame(method: Callable) -> Callable:
+    """`method` bound to a copy of its function with a new code object (dynamo's cache key)."""
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return types.MethodType(g, method.__self__)
 
 
 class _GraphedStep:
@@ -99,7 +109,7 @@ class DenoiseLoop:
         *,
         s: float = S_OFFSET,
         scaler: float = 1.0,
-        compile: bool = False,
+        compile: bool | str = False,
         cuda_graphs: bool = False,
     ):
         self.model = model
@@ -112,10 +122,29 @@ class DenoiseLoop:
         self.scaler = scaler
         _constants(float(s))  # fill the schedule constants now, outside any compiled region
         self._step: Callable[..., torch.Tensor] = self.step
+        self._compiled: dict[tuple, Callable[..., torch.Tensor]] = {}
+        self._compile = compile  # True (inductor) or the name of a torch.compile backend
         if compile:
-            self._step = torch.compile(self._step, dynamic=False)
+            self._step = self._compiled_step
         if cuda_graphs:
             self._step = _GraphedStep(self._step)
+
+    def _compiled_step(self, *args: torch.Tensor) -> torch.Tensor:
+        """The step compiled once per input signature, each in a frame of its own.
+
+        torch.compile caches compiled code, and counts recompiles against its limit of 8, per *code
+        object*. Compiling `self.step` directly would make every loop (prior and decoder, each
+        guidance) and every resolution a recompile of the one `DenoiseLoop.step`; a long-lived
+        pipeline then passes the limit and silently runs eager. One fresh code object per loop and
+        signature means one compile each and no recompiles (tests/test_compile_models.py holds that
+        with error_on_recompile).
+        """
+        key = tuple((a.shape, a.dtype, a.device) for a in args)
+        fn = self._compiled.get(key)
+        if fn is None:
+            backend = self._compile if isinstance(self._compile, str) else "inductor"
+            fn = self._compiled[key] = torch.compile(_own_frame(self.step), dynamic=False, backend=backend)
+        return fn(*args)
 
     def step(
         self, x: torch.Tensor, r: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, noise: torch.Tensor, *conds

@@ -28,6 +28,8 @@ __all__ = [
     "Attention",
     "AttnBlock",
     "r_embedding",
+    "r_frequencies",
+    "RFrequencies",
 ]
 
 LN_EPS = 1e-6  # every LayerNorm in Würstchen: no affine, eps 1e-6
@@ -181,15 +183,45 @@ class AttnBlock(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
-def r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
+def r_frequencies(c_r: int, device=None, max_positions: int = 10000) -> torch.Tensor:
+    """f_i = exp(-i ln(10000) / (half - 1)), float32, exactly as the released code computes them."""
+    half = c_r // 2
+    scale = math.log(max_positions) / (half - 1)
+    return torch.arange(half, device=device).float().mul(-scale).exp()
+
+
+class RFrequencies(nn.Module):
+    """The r-embedding frequencies as an eager constant that follows the model's device.
+
+    Why: traced by torch.compile, `exp` compiles to a vectorized exp that differs from ATen's by an
+    ulp, and r * 10000 amplifies that to ~5e-4 in the embedding (~3e-3 in images). Computed here,
+    eagerly on the device the model moves to (with that device's ATen exp, as the reference code
+    does), the compiled graph only reads them. Plain attribute, not a buffer: no state-dict key, and
+    `.to(dtype)` leaves them float32, as the released code keeps them.
+    """
+
+    def __init__(self, c_r: int, max_positions: int = 10000):
+        super().__init__()
+        self.c_r, self.max_positions = c_r, max_positions
+        self.freqs = r_frequencies(c_r, "cpu", max_positions)
+
+    def _apply(self, fn, recurse=True):
+        device = fn(torch.empty(0)).device
+        if device != self.freqs.device:
+            self.freqs = r_frequencies(self.c_r, device, self.max_positions)
+        return super()._apply(fn, recurse)
+
+
+def r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000,
+                freqs: torch.Tensor | None = None) -> torch.Tensor:
     """Sinusoidal embedding of the continuous noise level r in [0, 1]: (B,) -> (B, c_r).
 
     r' = r * 10000; f_i = exp(-i ln(10000) / (half - 1)); [sin(r' f), cos(r' f)], zero-padded if c_r is odd.
     Frequencies are computed in fp32 and the result cast to r's dtype, as the released code does.
+    `freqs`: precomputed `r_frequencies(c_r, r.device)` (the models pass `RFrequencies.freqs`).
     """
-    half = c_r // 2
-    scale = math.log(max_positions) / (half - 1)
-    freqs = torch.arange(half, device=r.device).float().mul(-scale).exp()
+    if freqs is None:
+        freqs = r_frequencies(c_r, r.device, max_positions)
     args = (r * max_positions)[:, None] * freqs[None, :]
     emb = torch.cat([args.sin(), args.cos()], dim=1)
     if c_r % 2 == 1:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.reference.ddpm import STAGE_B_HEAD_EPS, stage_b_head
-from .blocks import AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, r_embedding
+from .blocks import AttnBlock, LayerNorm2d, ResBlockStageB, RFrequencies, TimestepBlock, r_embedding
 from .configs import StageBConfig
 
 __all__ = ["StageB"]
@@ -26,6 +26,7 @@ class StageB(nn.Module):
         super().__init__()
         self.config = cfg = config if config is not None else StageBConfig.v2()
         self.c_r = cfg.c_r
+        self.r_freqs = RFrequencies(cfg.c_r)  # eager constant, see RFrequencies
         n = len(cfg.c_hidden)
         dropout = cfg.dropout if isinstance(cfg.dropout, (list, tuple)) else [cfg.dropout] * n
 
@@ -79,7 +80,7 @@ class StageB(nn.Module):
         )
 
     def gen_r_embedding(self, r: torch.Tensor) -> torch.Tensor:
-        return r_embedding(r, self.c_r)
+        return r_embedding(r, self.c_r, freqs=self.r_freqs.freqs)
 
     def gen_c_embeddings(self, clip: torch.Tensor) -> torch.Tensor:
         return self.seq_norm(self.clip_mapper(clip))

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.reference.ddpm import stage_c_head
-from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding
+from .blocks import AttnBlock, LayerNorm2d, ResBlock, RFrequencies, TimestepBlock, r_embedding
 from .configs import StageCConfig
 
 __all__ = ["StageC"]
@@ -23,6 +23,7 @@ class StageC(nn.Module):
         super().__init__()
         self.config = cfg = config if config is not None else StageCConfig.v2()
         self.c_r = cfg.c_r
+        self.r_freqs = RFrequencies(cfg.c_r)  # eager constant, see RFrequencies
         self.projection = nn.Conv2d(cfg.c_in, cfg.c, kernel_size=1)
         self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, cfg.c), nn.LeakyReLU(0.2), nn.Linear(cfg.c, cfg.c))
         # Flat list, keys blocks.{3k} ResBlock, blocks.{3k+1} TimestepBlock, blocks.{3k+2} AttnBlock.
@@ -34,7 +35,7 @@ class StageC(nn.Module):
         self.out = nn.Sequential(LayerNorm2d(), nn.Conv2d(cfg.c, cfg.c_in * 2, kernel_size=1))
 
     def gen_r_embedding(self, r: torch.Tensor) -> torch.Tensor:
-        return r_embedding(r, self.c_r)
+        return r_embedding(r, self.c_r, freqs=self.r_freqs.freqs)
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return stage_c_head(x, self.forward_raw(x, r, c))
