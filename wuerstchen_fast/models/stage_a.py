@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wuerstchen_fast import ops
+
 from .configs import StageAConfig
 
 __all__ = ["StageA", "MixingResidualBlock", "VectorQuantizer"]
@@ -31,8 +33,12 @@ class MixingResidualBlock(nn.Module):
 
     @staticmethod
     def _norm_mod(x: torch.Tensor, norm: nn.LayerNorm, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """Channel LayerNorm of a BCHW tensor then a scalar affine: LN(x) * (1 + scale) + shift."""
-        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + scale) + shift
+        """Channel LayerNorm of a BCHW tensor then a scalar affine: LN(x) * (1 + scale) + shift.
+
+        Runs as the registered op `ops.norm_mod` (one Triton kernel forward and backward on the GPU;
+        the torch backend is exactly `norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + scale) + shift`).
+        """
+        return ops.norm_mod(x, scale, shift, norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gammas

@@ -6,10 +6,11 @@ Every op here is a plain function `op(*inputs, backend=None)`; its pure-PyTorch 
 from . import reference, registry
 from .layer_norm_2d import layer_norm_2d
 from .ddpm import ddpm_step
+from .mixing import norm_mod
 from .grn import grn
 from .modulation import modulate
 from .resblock import resblock, resblock_stage_b
 from .registry import BackendUnavailableError, backend, get_backend, set_backend
 
-__all__ = ["layer_norm_2d", "ddpm_step", "grn", "modulate", "resblock", "resblock_stage_b", "reference", "registry", "backend", "set_backend", "get_backend",
+__all__ = ["layer_norm_2d", "ddpm_step", "norm_mod", "grn", "modulate", "resblock", "resblock_stage_b", "reference", "registry", "backend", "set_backend", "get_backend",
            "BackendUnavailableError"]

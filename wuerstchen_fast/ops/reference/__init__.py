@@ -7,8 +7,9 @@ them. They follow the released Würstchen code (and diffusers) operation for ope
 """
 from .norm import layer_norm_2d
 from .ddpm import ddpm_step_fused
+from .mixing import norm_mod
 
 from .convnext import grn, resblock, resblock_stage_b
 from .modulation import modulate
 
-__all__ = ["layer_norm_2d", "ddpm_step_fused", "grn", "resblock", "resblock_stage_b", "modulate"]
+__all__ = ["layer_norm_2d", "ddpm_step_fused", "norm_mod", "grn", "resblock", "resblock_stage_b", "modulate"]

@@ -1,0 +1,95 @@
+"""ops.norm_mod (Stage A: LayerNorm over channels + scalar modulation) against the float64 reference.
+
+Matrix: float32/bfloat16/float16 x C in (192, 384, 7) x odd sizes x contiguous / channels-last /
+non-dense, forward and the three gradients (x, scale, shift). Error bound: the rule in
+wuerstchen_fast/testing/tolerance.py. Then a tiny Stage A decode, forward and backward, with the
+triton backend equals the torch backend, which stays bit-exact with diffusers (tests/test_models_*).
+"""
+import pytest
+import torch
+
+import wuerstchen_fast
+from conftest import DEVICE
+from wuerstchen_fast.ops import norm_mod, reference, registry
+from wuerstchen_fast.testing.tolerance import assert_close_to_reference
+
+BACKENDS = [b for b in ("triton", "cpu", "cuda") if b in registry.get_op("norm_mod").impls
+            and not registry.get_op("norm_mod").impls[b].available()]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The interpreter is slow: batch 1 and small grids; every tile edge (C not a multiple of 16, pixels not
+# of 128, a single pixel) is still crossed.
+SHAPES = [(1, 192, 3, 5), (1, 384, 2, 3), (2, 7, 1, 1), (1, 20, 9, 17)]
+
+
+def _inputs(shape, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    if layout == "strided":
+        x = torch.randn(shape[:-1] + (2 * shape[-1],), generator=g)[..., ::2] * 3 + 1
+    s, t = torch.randn((), generator=g) * 0.5, torch.randn((), generator=g)
+    x, s, t = (v.to(DEVICE, dtype) for v in (x, s, t))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, s, t
+
+
+def _run(fn, x, s, t, grad):
+    x, s, t = (v.detach().clone().requires_grad_(True) for v in (x, s, t))
+    y = fn(x, s, t)
+    return (y,) + torch.autograd.grad(y, (x, s, t), grad)
+
+
+def _check(backend, shape, dtype, layout):
+    x, s, t = _inputs(shape, dtype, layout)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    exact = _run(reference.mixing.norm_mod, x.double(), s.double(), t.double(), grad.double())
+    eager = _run(reference.mixing.norm_mod, x, s, t, grad)
+    ours = _run(lambda *a: norm_mod(*a, backend=backend), x, s, t, grad)
+    what = f"{backend} {shape} {dtype} {layout}"
+    # dscale, dshift are sums over every element: a float32 sum's error scales with Σ|terms|, not with
+    # the (possibly cancelling) result, so both are measured in units of Σ|terms|.
+    zero = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    xhat = reference.mixing.norm_mod(x.double(), zero, zero)
+    size = {"dscale": (grad.double() * xhat).abs().sum(), "dshift": grad.double().abs().sum()}
+    for name, o, e, ex in zip(("y", "dx", "dscale", "dshift"), ours, eager, exact):
+        if name in size:
+            o, e, ex = o / size[name].to(o.dtype), e / size[name].to(e.dtype), ex / size[name]
+        assert_close_to_reference(o, e, ex, f"{what} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_reference(backend, shape, dtype, layout):
+    _check(backend, shape, dtype, layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_dense_strided_input(backend):
+    _check(backend, (2, 9, 5, 6), torch.float32, "strided")
+
+
+def test_fp64_gradcheck_reference_path():
+    x = torch.randn(1, 5, 3, 2, dtype=torch.float64, requires_grad=True)
+    s, t = (torch.randn((), dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda *a: norm_mod(*a, backend="torch"), (x, s, t))
+
+
+def test_stage_a_forward_backward_triton_equals_torch():
+    from wuerstchen_fast.models.configs import StageAConfig
+    from wuerstchen_fast.models.stage_a import StageA
+    from wuerstchen_fast.testing.random_models import TINY_VQGAN, randomize_
+
+    m = randomize_(StageA(StageAConfig(**TINY_VQGAN)), seed=4).to(DEVICE)
+    lat = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = {}
+    for name in ("torch", "triton"):
+        m.zero_grad()
+        x = lat.clone().requires_grad_(True)
+        with wuerstchen_fast.backend(name):
+            y = m.decode(x)
+            y.square().mean().backward()
+        results[name] = (y.detach(), x.grad, m.up_blocks[1].gammas.grad.clone(), m.up_blocks[1].depthwise[1].weight.grad.clone())
+    for a, b in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,18 @@
+"""Reference: Stage A MixingResidualBlock's norm + modulation (see the package docstring)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["norm_mod"]
+
+
+def norm_mod(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Channel LayerNorm of a (B, C, H, W) tensor (no affine) then a scalar affine: LN(x)·(1 + scale) + shift.
+
+    Exactly MixingResidualBlock's `norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g) + g'`
+    with `nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)`; `scale`, `shift` are 0-d tensors.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"norm_mod expects a 4-d (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=eps).permute(0, 3, 1, 2) * (1 + scale) + shift
