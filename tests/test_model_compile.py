@@ -82,9 +82,11 @@ def test_fullgraph_whole_model_on_triton(stage):
         args = (torch.randn(2, 4, 16, 16, generator=g), torch.rand(2, generator=g),
                 torch.randn(2, 16, 3, 3, generator=g), torch.randn(2, 5, 40, generator=g))
     args = tuple(a.to(DEVICE) for a in args)
+    # forward_raw: the output before the ε head, whose 1/(|1 − b| + 1e-5) would turn float32 noise
+    # of the fused kernels into large absolute differences wherever a random b lands near 1.
     with torch.no_grad(), wuerstchen_fast.backend("triton"):
-        out, seen = _capture_ops(m, *args)
+        out, seen = _capture_ops(m.forward_raw, *args)
     with torch.no_grad(), wuerstchen_fast.backend("torch"):
-        ref = m(*args)
+        ref = m.forward_raw(*args)
     assert any("wuerstchen_fast.layer_norm_2d" in t for t in seen), seen
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
