@@ -57,6 +57,12 @@ def _rate(ei: dict) -> tuple[str, str]:
     return (", ".join(rates) or "-"), (", ".join(fracs) or "-")
 
 
+def _mem(ei: dict) -> str:
+    text = _fmt_bytes(ei.get("peak_mem_bytes"))
+    # On a CPU the figure is the growth of the resident set's high-water mark: reused pages show as 0.
+    return f"+{text} RSS" if ei.get("peak_mem_kind") == "rss_high_water_delta" and text != "-" else text
+
+
 def _speedup(ei: dict) -> str:
     s = ei.get("speedup_vs_baseline")
     if s is None:
@@ -109,7 +115,7 @@ def render_run(run: dict) -> list[str]:
             ei = b.get("extra_info", {})
             rate, frac = _rate(ei)
             lines.append(f"| {group} | {ei.get('provider', b['name'])} | {_fmt_time(b['stats']['median'])} | "
-                         f"{_fmt_time(b['stats']['min'])} | {rate} | {frac} | {_fmt_bytes(ei.get('peak_mem_bytes'))} | "
+                         f"{_fmt_time(b['stats']['min'])} | {rate} | {frac} | {_mem(ei)} | "
                          f"{_speedup(ei)} |")
     return lines + [""]
 

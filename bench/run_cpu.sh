@@ -12,6 +12,7 @@ export WF_BENCH_DEVICE=cpu
 export WF_BENCH_COMMAND="bench/run_cpu.sh${*:+ $*}"
 slug=$("$PY" -c "from bench.common import device_slug; print(device_slug())")
 rev=$("$PY" -c "from bench.common import git_revision; print(git_revision())")
+export WF_GIT_REV="$rev"   # the revision at the start, in the file name and in the JSON alike
 out="bench/results/${slug}-$(date -u +%Y%m%d-%H%M)-${rev}.json"
 mkdir -p bench/results
 echo "run_cpu: writing $out"
