@@ -140,7 +140,7 @@ def test_compiled_denoisers_equal_eager(tiny_repos, pipes):
     torch.testing.assert_close(compiled(**kw).images, eager(**kw).images, rtol=0, atol=COMPILE_ATOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.cuda  # CUDA graphs need a CUDA device: runs on the GPU runner
 def test_cuda_graphs_equal_eager_on_cuda(tiny_repos):
     eager = load_pipeline(*tiny_repos, device="cuda")
     graphed = load_pipeline(*tiny_repos, device="cuda", cuda_graphs=True)
