@@ -4,6 +4,8 @@
 #   make demo        sample an image with the default weights -> out/demo.png
 #   make test        the test suite (what CI runs)
 #   make bench-cpu   the CPU benchmark suite (not part of CI), results into bench/results/
+#   make bench-table regenerate bench/RESULTS.md from the committed result files
+#   make bench-gpu-dry-run  print what bench/gpu_runner.sh would do on a GPU machine
 #   make build       (re)build the compiled extension in place
 #   make wheel       build a wheel into dist/
 
@@ -17,7 +19,7 @@ TEST_DEPS := pytest==9.2.0 pytest-benchmark==5.3.1 diffusers==0.42.1 transformer
              build==1.6.1
 PROMPT ?= a red circle on a blue background
 
-.PHONY: demo test bench-cpu build wheel venv clean
+.PHONY: demo test bench-cpu bench-table bench-gpu-dry-run build wheel venv clean
 
 # The stamp is rebuilt when the build inputs change, which rebuilds the extension.
 $(VENV)/.installed: setup.py pyproject.toml CMakeLists.txt csrc/sources.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp kernels/cuda/*.cu kernels/cuda/*.cuh)
@@ -39,7 +41,13 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 bench-cpu: $(VENV)/.installed
-	bash bench/run_cpu.sh
+	PYTHON=$(BIN)/python bash bench/run_cpu.sh
+
+bench-table: $(VENV)/.installed
+	$(BIN)/python bench/make_table.py
+
+bench-gpu-dry-run: $(VENV)/.installed
+	bash bench/gpu_runner.sh --dry-run --python $(BIN)/python --out out/gpu
 
 build: $(VENV)/.installed
 	$(BIN)/python setup.py -q build_ext --inplace
