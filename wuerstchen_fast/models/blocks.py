@@ -174,13 +174,12 @@ class AttnBlock(nn.Module):
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        kv = self.kv_mapper(cond)
-        tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)
-        if self.self_attn:
-            kv = torch.cat([tokens, kv], dim=1)
-        out = self.attention(tokens, kv)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        """The whole block as one op (`ops.attn_block`): K/V read from the image and text tokens, no concat."""
+        a, m = self.attention, self.kv_mapper[1]
+        return ops.attn_block(x, cond, a.to_q.weight, a.to_q.bias, a.to_k.weight, a.to_k.bias, a.to_v.weight,
+                              a.to_v.bias, a.to_out[0].weight, a.to_out[0].bias, m.weight, m.bias, a.nhead,
+                              self_attn=self.self_attn, dropout=a.to_out[1].p, training=self.training,
+                              eps=self.norm.eps)
 
 
 def r_frequencies(c_r: int, device=None, max_positions: int = 10000) -> torch.Tensor:

@@ -10,7 +10,8 @@ from .mixing import norm_mod
 from .grn import grn
 from .modulation import modulate
 from .resblock import resblock, resblock_stage_b
+from .attention import attn_block
 from .registry import BackendUnavailableError, backend, get_backend, set_backend
 
-__all__ = ["layer_norm_2d", "ddpm_step", "norm_mod", "grn", "modulate", "resblock", "resblock_stage_b", "reference", "registry", "backend", "set_backend", "get_backend",
+__all__ = ["layer_norm_2d", "ddpm_step", "norm_mod", "grn", "modulate", "resblock", "resblock_stage_b", "attn_block", "reference", "registry", "backend", "set_backend", "get_backend",
            "BackendUnavailableError"]

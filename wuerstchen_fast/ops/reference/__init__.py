@@ -11,5 +11,6 @@ from .mixing import norm_mod
 
 from .convnext import grn, resblock, resblock_stage_b
 from .modulation import modulate
+from .attention import attn_block, multihead_attention
 
-__all__ = ["layer_norm_2d", "ddpm_step_fused", "norm_mod", "grn", "resblock", "resblock_stage_b", "modulate"]
+__all__ = ["layer_norm_2d", "ddpm_step_fused", "norm_mod", "grn", "resblock", "resblock_stage_b", "modulate", "attn_block", "multihead_attention"]
