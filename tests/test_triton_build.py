@@ -40,5 +40,6 @@ def test_no_kernel_spills(resources):
 
 
 def test_register_budget(resources):
-    # 255 is the hardware limit; above ~128 per thread occupancy halves for 4-warp programs.
-    assert all(r["registers"] <= 128 for r in resources), [r for r in resources if r["registers"] > 128]
+    # Each kernel within its spec's budget (default 128, see testing/triton_aot.py); 255 is the hardware cap.
+    over = [r for r in resources if r["registers"] > r["max_registers"]]
+    assert not over, over

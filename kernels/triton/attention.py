@@ -298,7 +298,11 @@ def _spec(name, kernel, tile, dtype="bf16"):
     t = dict(tile)
     nw = t.pop("num_warps")
     return dict(name=f"attention.{name}[{dtype},d64]", kernel=kernel, signature=_sig(kernel, dtype),
-                constexprs=dict(IEEE=False, UPCAST=False, RNE=False, BLOCK_D=64, **t), num_warps=nw, num_stages=2)
+                constexprs=dict(IEEE=False, UPCAST=False, RNE=False, BLOCK_D=64, **t), num_warps=nw, num_stages=2,
+                # Flash-style tiles keep Q (or K and V), the fp32 accumulator and the softmax statistics in
+                # registers for the whole key loop: 120-255 registers and few programs per SM are the
+                # design point, as in FlashAttention-2. Spills are still refused.
+                max_registers=255)
 
 
 # Head dim 64 at the released shapes (Stage C 576 queries over 576 + 77 keys; Stage B 256..4096).

@@ -21,6 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# Above 128 registers per thread a 4-warp program no longer fits 4 to an SM partition's register
+# file; a kernel that needs more by design (flash attention) says so in its spec ("max_registers"
+# with a "why"), so a growing register count elsewhere is caught, not waved through.
+DEFAULT_MAX_REGISTERS = 128
+
+
 @dataclass
 class Resources:
     kernel: str
@@ -29,6 +35,7 @@ class Resources:
     spill_stores: int
     spill_loads: int
     shared_bytes: int
+    max_registers: int = 128  # the spec's budget (see DEFAULT_MAX_REGISTERS)
 
     @property
     def spills(self) -> int:
@@ -69,7 +76,8 @@ def compile_for(spec: dict, arch: int) -> Resources:
         raise RuntimeError(f"could not read ptxas -v output for {spec['name']}:\n{log}")
     return Resources(kernel=spec["name"], arch=arch, registers=int(regs.group(1)),
                      spill_stores=int(spill.group(1)), spill_loads=int(spill.group(2)),
-                     shared_bytes=int(compiled.metadata.shared))
+                     shared_bytes=int(compiled.metadata.shared),
+                     max_registers=int(spec.get("max_registers", DEFAULT_MAX_REGISTERS)))
 
 
 def all_specs() -> list:
