@@ -156,4 +156,5 @@ def test_stage_a_decode_compiles_fullgraph_on_triton():
     with torch.no_grad(), wuerstchen_fast.backend("torch"):
         ref = m.decode(lat)
     assert any("wuerstchen_fast.norm_mod" in t for t in seen), seen
+    assert any("wuerstchen_fast.mixing_dwconv" in t for t in seen), seen
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -93,3 +93,79 @@ def test_stage_a_forward_backward_triton_equals_torch():
         results[name] = (y.detach(), x.grad, m.up_blocks[1].gammas.grad.clone(), m.up_blocks[1].depthwise[1].weight.grad.clone())
     for a, b in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ mixing_dwconv
+# x + (replication-padded 3x3 depthwise conv(xn) + bias)·g: forward and the gradients of x, xn, weight,
+# bias and g. Sizes 1 and 2 along H or W exercise the pad's border fold in backward (every source
+# pixel clamps), odd sizes the tile edges. dweight, dbias, dg are sums over pixels (and channels for dg):
+# measured in units of Σ|terms| like dscale above.
+from wuerstchen_fast.ops.mixing import mixing_dwconv  # noqa: E402
+
+DW_BACKENDS = [b for b in ("triton", "cpu", "cuda") if b in registry.get_op("mixing_dwconv").impls
+               and not registry.get_op("mixing_dwconv").impls[b].available()]
+DW_SHAPES = [(1, 192, 3, 5), (2, 7, 1, 1), (1, 9, 2, 7), (1, 20, 9, 17), (2, 16, 5, 1)]
+
+
+def _dw_inputs(shape, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = shape
+    if layout == "strided":
+        x, xn = (torch.randn(B, C, H, 2 * W, generator=g)[..., ::2] for _ in range(2))
+    else:
+        x, xn = (torch.randn(shape, generator=g) for _ in range(2))
+    w, b, gm = torch.randn(C, 1, 3, 3, generator=g) / 3, torch.randn(C, generator=g) * 0.3, torch.randn((), generator=g)
+    ts = [v.to(DEVICE, dtype) for v in (x, xn, w, b, gm)]
+    if layout == "channels_last":
+        ts[0], ts[1] = (v.contiguous(memory_format=torch.channels_last) for v in ts[:2])
+    return ts
+
+
+def _dw_run(fn, ts, grad):
+    ts = [v.detach().clone().requires_grad_(True) for v in ts]
+    y = fn(*ts)
+    return (y,) + torch.autograd.grad(y, ts, grad)
+
+
+def _dw_check(backend, shape, dtype, layout):
+    ts = _dw_inputs(shape, dtype, layout)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    ref = reference.mixing.dwconv_residual
+    exact = _dw_run(ref, [t.double() for t in ts], grad.double())
+    eager = _dw_run(ref, ts, grad)
+    ours = _dw_run(lambda *a: mixing_dwconv(*a, backend=backend), ts, grad)
+    x, xn, w, b, gm = (t.double() for t in ts)
+    gd = grad.double()
+    xp = torch.nn.functional.pad(xn, (1, 1, 1, 1), mode="replicate")
+    conv_abs = torch.nn.functional.conv2d(xp.abs(), w.abs(), b.abs(), groups=shape[1])
+    taps = torch.stack([(gd.abs() * xp[:, :, i:i + shape[2], j:j + shape[3]].abs()).sum((0, 2, 3))
+                        for i in range(3) for j in range(3)], 1).reshape(w.shape)
+    size = {"dweight": taps * gm.abs() + 1e-30, "dbias": gd.abs().sum((0, 2, 3)) * gm.abs() + 1e-30,
+            "dgamma": (gd.abs() * conv_abs).sum()}
+    what = f"{backend} {shape} {dtype} {layout}"
+    for name, o, e, ex in zip(("y", "dx", "dxn", "dweight", "dbias", "dgamma"), ours, eager, exact):
+        assert o.shape == ex.shape, (what, name, o.shape)
+        if name in size:
+            o, e, ex = o / size[name].to(o.dtype), e / size[name].to(e.dtype), ex / size[name]
+        assert_close_to_reference(o, e, ex, f"{what} {name}")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert ours[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("backend", DW_BACKENDS)
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dwconv_matches_reference(backend, shape, dtype):
+    _dw_check(backend, shape, dtype, "contiguous")
+
+
+@pytest.mark.parametrize("backend", DW_BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_dwconv_layouts(backend, layout):
+    _dw_check(backend, (2, 12, 4, 5), torch.float32, layout)
+    _dw_check(backend, (1, 70, 3, 2), torch.bfloat16, layout)
+
+
+def test_dwconv_fp64_gradcheck_reference_path():
+    ts = [t.double().requires_grad_(True) for t in _dw_inputs((1, 3, 2, 3), torch.float32, "contiguous")]
+    assert torch.autograd.gradcheck(lambda *a: mixing_dwconv(*a, backend="torch"), ts)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wuerstchen_fast import ops
+from wuerstchen_fast.ops.mixing import mixing_dwconv
 
 from .configs import StageAConfig
 
@@ -42,7 +43,9 @@ class MixingResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gammas
-        x = x + self.depthwise(self._norm_mod(x, self.norm1, g[0], g[1])) * g[2]
+        # x + depthwise(xn)·g2 as one op (torch backend: exactly this expression with self.depthwise's pad + conv)
+        conv = self.depthwise[1]
+        x = mixing_dwconv(x, self._norm_mod(x, self.norm1, g[0], g[1]), conv.weight, conv.bias, g[2])
         h = self._norm_mod(x, self.norm2, g[3], g[4])
         return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * g[5]
 

@@ -8,6 +8,9 @@ MixingResidualBlock runs it twice per block (before the depthwise conv and befor
 and `shift` are 0-d slices of its `gammas`, read by the kernel from device memory. The `torch`
 backend is the reference (bit-exact with diffusers' PaellaVQModel); Triton fuses the LayerNorm, the
 modulation and, in backward, the two scalar reductions. Double backward: reference path only.
+
+mixing_dwconv(x, xn, weight, bias, gamma) (second half of this file): x + depthwise(xn)·gamma, the
+replication-padded 3x3 depthwise conv + bias + gamma scale + residual that follows norm_mod.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from . import backends as bk
 from . import reference, registry
 from .layout import empty_out_like
 
-__all__ = ["norm_mod"]
+__all__ = ["norm_mod", "mixing_dwconv"]
 
 
 def _torch_fwd(x, scale, shift, eps):
@@ -139,3 +142,139 @@ def norm_mod(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: flo
     if name == "torch":
         return reference.mixing.norm_mod(x, scale, shift, eps)
     return norm_mod_op(x, scale, shift, eps, name)
+
+
+# ============================================================================== mixing_dwconv
+# x + depthwise(xn)·g: the replication-padded 3x3 depthwise conv + bias + gamma scale + residual that
+# follows norm_mod in MixingResidualBlock. One Triton kernel forward; backward one kernel for dxn (the
+# transposed conv with the pad's border fold) that also writes the per-tile sums dweight, dbias and
+# dgamma are reduced from; dx is the incoming gradient (the residual).
+
+def _dw_torch_fwd(x, xn, weight, bias, gamma):
+    return empty_out_like(x).copy_(reference.mixing.dwconv_residual(x, xn, weight, bias, gamma))
+
+
+def _dw_torch_bwd(grad, xn, weight, bias, gamma):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (xn, weight, bias, gamma)]
+        zero = torch.zeros_like(grad)
+        dxn, dw, db, dg = torch.autograd.grad(reference.mixing.dwconv_residual(zero, *leaves), leaves, grad)
+    return empty_out_like(xn).copy_(dxn), dw, db, dg
+
+
+def _dw_triton_fwd(x, xn, weight, bias, gamma):
+    from ..kernels.triton import mixing as k
+
+    return k.dwconv_fwd(x, xn, weight, bias, gamma)
+
+
+def _dw_triton_bwd(grad, xn, weight, bias, gamma):
+    from ..kernels.triton import mixing as k
+
+    dxn, dw, db, dg = k.dwconv_bwd(grad, xn, weight, bias, gamma)
+    return dxn, dw.to(weight.dtype), db.to(bias.dtype), dg.to(gamma.dtype)
+
+
+_DW_FWD = {"torch": _dw_torch_fwd, "triton": _dw_triton_fwd}
+_DW_BWD = {"torch": _dw_torch_bwd, "triton": _dw_triton_bwd}
+
+
+@torch.library.custom_op("wuerstchen_fast::mixing_dwconv", mutates_args=())
+def mixing_dwconv_op(x: torch.Tensor, xn: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     gamma: torch.Tensor, backend: str) -> torch.Tensor:
+    return _DW_FWD[backend](x, xn, weight, bias, gamma)
+
+
+@mixing_dwconv_op.register_fake
+def _(x, xn, weight, bias, gamma, backend):
+    return empty_out_like(x)
+
+
+@torch.library.custom_op("wuerstchen_fast::mixing_dwconv_backward", mutates_args=())
+def mixing_dwconv_backward_op(grad: torch.Tensor, xn: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              gamma: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+    return _DW_BWD[backend](grad, xn, weight, bias, gamma)
+
+
+@mixing_dwconv_backward_op.register_fake
+def _(grad, xn, weight, bias, gamma, backend):
+    return empty_out_like(xn), torch.empty_like(weight), torch.empty_like(bias), gamma.new_empty(())
+
+
+def _dw_setup_context(ctx, inputs, output):
+    x, xn, weight, bias, gamma, backend = inputs
+    ctx.save_for_backward(xn, weight, bias, gamma)
+    ctx.backend = backend
+
+
+def _dw_backward(ctx, grad):
+    xn, weight, bias, gamma = ctx.saved_tensors
+    dxn, dw, db, dg = mixing_dwconv_backward_op(grad, xn, weight, bias, gamma, ctx.backend)
+    return grad, dxn, dw, db, dg.reshape(gamma.shape), None
+
+
+mixing_dwconv_op.register_autograd(_dw_backward, setup_context=_dw_setup_context)
+
+
+def _dw_check_torch(x, xn, weight, bias, gamma):
+    r = bk.ndim(4, x, xn) + bk.ndim(0, gamma)
+    if not r and (x.shape != xn.shape or tuple(weight.shape) != (x.shape[1], 1, 3, 3)):
+        r.append(f"needs x and xn of one shape (B, C, H, W) and a (C, 1, 3, 3) weight; got x {tuple(x.shape)}, "
+                 f"xn {tuple(xn.shape)}, weight {tuple(weight.shape)}")
+    return r
+
+
+def _dw_check_triton(x, xn, weight, bias, gamma):
+    tensors = (x, xn, weight, bias, gamma)
+    r = _dw_check_torch(*tensors) + bk.float_dtype(*tensors) + bk.for_triton(*tensors)
+    if len({t.dtype for t in tensors}) > 1:
+        r.append("needs every tensor in one dtype (cast the module with .to(dtype))")
+    return r
+
+
+def _dw_samples(device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for (B, C, H, W), cl, dtype in [((2, 5, 4, 3), False, torch.float32), ((1, 16, 3, 3), True, torch.float32),
+                                    ((2, 8, 1, 5), False, torch.bfloat16), ((1, 6, 2, 2), False, torch.float16)]:
+        x, xn = (torch.randn(B, C, H, W, generator=g).to(dtype) for _ in range(2))
+        if cl:
+            x, xn = (t.contiguous(memory_format=torch.channels_last) for t in (x, xn))
+        w = (torch.randn(C, 1, 3, 3, generator=g) / 3).to(dtype)
+        b, gm = (torch.randn(C, generator=g) * 0.3).to(dtype), torch.randn((), generator=g).to(dtype)
+        out.append((tuple(t.to(device).requires_grad_(True) for t in (x, xn, w, b, gm)), {}))
+    return out
+
+
+def _dw_opcheck_cases(args, kwargs, backend):
+    x, xn, w, b, g = args
+    grad = torch.randn_like(x).detach()
+    return [(mixing_dwconv_op, (x, xn, w, b, g, backend), {}),
+            (mixing_dwconv_backward_op, (grad, xn.detach(), w.detach(), b.detach(), g.detach(), backend), {})]
+
+
+DW_SPEC = registry.OpSpec(
+    name="mixing_dwconv",
+    doc="Stage A: x + depthwise(xn)·g, depthwise = replication pad 1 + 3x3 depthwise conv + bias, 0-d g",
+    samples=_dw_samples,
+    opcheck_cases=_dw_opcheck_cases,
+    triton_modules=("wuerstchen_fast.kernels.triton.mixing",),
+    priority={"cuda": ("triton", "torch"), "cpu": ("torch",)},
+)
+DW_SPEC.add(registry.Impl("torch", reference.mixing.dwconv_residual, _dw_check_torch, lambda: []))
+DW_SPEC.add(registry.Impl("triton", lambda x, xn, w, b, g: mixing_dwconv_op(x, xn, w, b, g, "triton"), _dw_check_triton,
+                           bk.triton_available))
+registry.register_op(DW_SPEC)
+
+
+def mixing_dwconv(x: torch.Tensor, xn: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """x + (conv3x3_depthwise(replication_pad(xn, 1)) + bias)·gamma; weight (C, 1, 3, 3), gamma 0-d.
+
+    Equivalent code: `wuerstchen_fast.ops.reference.mixing.dwconv_residual`.
+    """
+    name = registry.resolve(DW_SPEC, x, xn, weight, bias, gamma, backend=backend)
+    if name == "torch":
+        return reference.mixing.dwconv_residual(x, xn, weight, bias, gamma)
+    return mixing_dwconv_op(x, xn, weight, bias, gamma, name)

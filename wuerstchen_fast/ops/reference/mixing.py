@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["norm_mod"]
+__all__ = ["norm_mod", "dwconv_residual"]
 
 
 def norm_mod(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -16,3 +16,13 @@ def norm_mod(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: flo
     if x.dim() != 4:
         raise ValueError(f"norm_mod expects a 4-d (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=eps).permute(0, 3, 1, 2) * (1 + scale) + shift
+
+
+def dwconv_residual(x: torch.Tensor, xn: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    gamma: torch.Tensor) -> torch.Tensor:
+    """MixingResidualBlock's first branch after norm_mod: x + depthwise(xn)·gamma, with
+    `depthwise = [ReplicationPad2d(1), Conv2d(c, c, 3, groups=c)]` (weight (C, 1, 3, 3)); gamma 0-d.
+
+    Exactly the module's arithmetic (ReplicationPad2d is F.pad(mode="replicate"), the Conv2d has no padding).
+    """
+    return x + F.conv2d(F.pad(xn, (1, 1, 1, 1), mode="replicate"), weight, bias, groups=xn.shape[1]) * gamma
