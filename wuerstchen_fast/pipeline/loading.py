@@ -10,6 +10,11 @@ Accepted sources:
     paths), together with explicit `prior_text_encoder=`, `prior_tokenizer=`,
     `decoder_text_encoder=`, `decoder_tokenizer=` folders (diffusers/transformers layout).
 Any component argument may also be an already built object.
+
+With no arguments at all, `load_pipeline()` loads the bundled default model (issue 8: a small model
+trained on the synthetic shapes data, `wuerstchen_fast/weights/default/`, see its MODEL_CARD.md) and
+the returned pipeline samples with that model's settings (`sampling.json`: 256x256, step counts,
+guidance) unless the call overrides them. `NoDefaultWeightsError` when that folder is absent.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch
 from .checks import check_dtype
 from .core import TextEncoder, WuerstchenPipeline
 
-__all__ = ["load_pipeline", "sample", "NoDefaultWeightsError"]
+__all__ = ["load_pipeline", "sample", "NoDefaultWeightsError", "default_weights_dir"]
 
 HOW_TO_PASS = (
     "pass the weights explicitly, e.g. load_pipeline(prior='<folder of warp-ai/wuerstchen-prior>', "
@@ -35,6 +40,38 @@ HOW_TO_PASS = (
 
 class NoDefaultWeightsError(FileNotFoundError):
     pass
+
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "default"
+_DEFAULT_PARTS = ("prior", "decoder", "vqgan", "text_encoder", "tokenizer")
+
+
+def default_weights_dir() -> Path | None:
+    """The bundled default model's folder, or None when the package ships none (or an incomplete one)."""
+    d = DEFAULT_WEIGHTS
+    return d if all((d / p).is_dir() for p in _DEFAULT_PARTS) else None
+
+
+def _default_sources() -> dict[str, Any]:
+    d = default_weights_dir()
+    if d is None:
+        raise NoDefaultWeightsError("wuerstchen_fast has no bundled default weights in this installation "
+                                    f"(weights/default/ with {', '.join(_DEFAULT_PARTS)}): " + HOW_TO_PASS)
+    return dict(prior=d / "prior", decoder=d / "decoder", vqgan=d / "vqgan",
+                prior_text_encoder=d / "text_encoder", prior_tokenizer=d / "tokenizer",
+                decoder_text_encoder=d / "text_encoder", decoder_tokenizer=d / "tokenizer",
+                sampling_defaults=_json(d / "sampling.json"))
+
+
+class _PipelineWithDefaults(WuerstchenPipeline):
+    """A WuerstchenPipeline whose call defaults (size, step counts, guidance) are those of its weights."""
+
+    call_defaults: dict = {}
+
+    def __call__(self, prompt, *args, **kwargs):
+        if not args:  # positional arguments after the prompt: the caller spells everything out
+            kwargs = {**self.call_defaults, **kwargs}
+        return super().__call__(prompt, *args, **kwargs)
 
 
 def _json(path: Path) -> dict:
@@ -101,7 +138,7 @@ def _resolve(prior, decoder, weights) -> dict[str, Any]:
                 "prior_prior/, decoder/, vqgan/ ...) nor a folder holding prior/ and decoder/ diffusers repos"
             )
     if prior is None and decoder is None:
-        raise NoDefaultWeightsError("wuerstchen_fast does not bundle default weights yet: " + HOW_TO_PASS)
+        return _default_sources()  # the bundled default model, or NoDefaultWeightsError
     if prior is None or decoder is None:
         missing = "prior" if prior is None else "decoder"
         raise ValueError(f"{missing}= is missing: both stages are needed; " + HOW_TO_PASS)
@@ -148,6 +185,7 @@ def load_pipeline(
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={str(device)!r}")
     src = _resolve(prior, decoder, weights)
+    call_defaults = src.pop("sampling_defaults", None)
     explicit = dict(vqgan=vqgan, prior_text_encoder=prior_text_encoder, prior_tokenizer=prior_tokenizer,
                     decoder_text_encoder=decoder_text_encoder, decoder_tokenizer=decoder_tokenizer)
     src.update({k: v for k, v in explicit.items() if v is not None})
@@ -177,8 +215,12 @@ def load_pipeline(
         decoder_s=d_sched["s"], decoder_scaler=d_sched["scaler"],
     )
     config.update(_model_constants(stage_c, stage_b, stage_a))
-    return WuerstchenPipeline(stage_c, stage_b, stage_a, prior_text, decoder_text, device=device, dtype=dtype,
-                              config=config, compile=compile, cuda_graphs=cuda_graphs)
+    cls = _PipelineWithDefaults if call_defaults else WuerstchenPipeline
+    pipe = cls(stage_c, stage_b, stage_a, prior_text, decoder_text, device=device, dtype=dtype,
+               config=config, compile=compile, cuda_graphs=cuda_graphs)
+    if call_defaults:
+        pipe.call_defaults = dict(call_defaults)
+    return pipe
 
 
 def _cfg_get(model, name, default):

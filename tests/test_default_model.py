@@ -1,0 +1,100 @@
+"""Issue 8: the bundled default model, its evaluation checker and its committed evaluation table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wuerstchen_fast.data import ShapesDataset
+from wuerstchen_fast.data.shapes import HELDOUT_TRIPLES, POSITIONS, render_shape
+from wuerstchen_fast.training.evaluate_default import ATTRIBUTES, TARGETS, check_image, heldout_prompts, score
+
+BUNDLE = Path(__file__).resolve().parents[1] / "wuerstchen_fast" / "weights" / "default"
+needs_bundle = pytest.mark.skipif(not (BUNDLE / "prior").is_dir(), reason="no bundled default weights")
+
+
+# ----------------------------------------------------------------------------------------- checker
+@pytest.mark.parametrize("split,seed", [("train", 0), ("heldout", 1)])
+def test_checker_reads_ground_truth_exactly(split, seed):
+    ds = ShapesDataset(256, 120, seed=seed, split=split)
+    for i in range(len(ds)):
+        spec = ds.spec(i)
+        found = check_image(render_shape(spec, 256))
+        assert {k: found[k] for k in ATTRIBUTES} == {k: getattr(spec, k) for k in ATTRIBUTES}, (spec, found)
+
+
+def test_checker_accepts_tensors_and_survives_noise_and_blur():
+    from PIL import Image, ImageFilter
+
+    ds = ShapesDataset(256, 60, seed=3, split="all")
+    rng = np.random.default_rng(0)
+    wrong = 0
+    for i in range(len(ds)):
+        img, _ = ds[i]
+        spec = ds.spec(i)
+        assert {k: check_image(img)[k] for k in ATTRIBUTES} == {k: getattr(spec, k) for k in ATTRIBUTES}
+        a = render_shape(spec, 256).astype(np.float32) + rng.normal(0, 12, (256, 256, 3))
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.5))
+        found = check_image(im)
+        wrong += any(found[k] != getattr(spec, k) for k in ATTRIBUTES)
+    assert wrong <= 2, wrong
+
+
+def test_checker_reports_a_blank_image_as_no_shape():
+    a = np.zeros((256, 256, 3), np.uint8)
+    a[:] = (40, 80, 220)
+    found = check_image(a)
+    assert found["background"] == "blue" and found["shape"] is None and found["color"] is None
+
+
+def test_heldout_prompts_are_the_heldout_triples_at_every_position():
+    items = heldout_prompts()
+    assert len(items) == len(HELDOUT_TRIPLES) * len(POSITIONS) == 55
+    assert {(it["color"], it["shape"], it["background"]) for it in items} == set(HELDOUT_TRIPLES)
+    assert score(items, items)["all"] == 100.0
+
+
+# ------------------------------------------------------------------------------------ default weights
+@needs_bundle
+def test_default_weights_load_with_no_arguments_and_carry_their_sampling_defaults():
+    from wuerstchen_fast import load_pipeline
+
+    pipe = load_pipeline(device="cpu")
+    defaults = json.loads((BUNDLE / "sampling.json").read_text())
+    assert pipe.call_defaults == defaults and defaults["height"] == defaults["width"] == 256
+    size = sum(f.stat().st_size for f in BUNDLE.rglob("*") if f.is_file())
+    assert size < 26 * 2**20, size
+    assert (BUNDLE / "MODEL_CARD.md").is_file()
+
+
+@needs_bundle
+def test_sample_draws_a_256_image_with_the_default_model():
+    import torch
+
+    import wuerstchen_fast
+
+    torch.manual_seed(0)
+    images = wuerstchen_fast.sample("a red circle on a blue background", device="cpu", seed=0, progress=False)
+    assert len(images) == 1 and images[0].size == (256, 256)
+
+
+def test_load_pipeline_without_the_bundle_raises_no_default_weights(monkeypatch, tmp_path):
+    from wuerstchen_fast.pipeline import NoDefaultWeightsError, loading
+
+    monkeypatch.setattr(loading, "DEFAULT_WEIGHTS", tmp_path / "absent")
+    with pytest.raises(NoDefaultWeightsError):
+        loading.load_pipeline(device="cpu")
+
+
+# ------------------------------------------------------------------------------ committed evaluation
+@needs_bundle
+def test_committed_evaluation_table_is_consistent():
+    report = json.loads((BUNDLE / "eval.json").read_text())
+    assert report["n_prompts"] == 55 and report["n_images"] == len(report["images"])
+    rows = report["images"]
+    recomputed = score(rows, [r["found"] for r in rows])
+    for k, v in report["accuracy_percent"].items():
+        assert abs(recomputed[k] - v) < 0.06, (k, v, recomputed[k])
+    assert set(report["targets_percent"]) == set(TARGETS)

@@ -1,0 +1,155 @@
+"""`python -m wuerstchen_fast.training.default_model` — train the bundled default model (issue 8) and export it.
+
+Trains a small Würstchen (256x256 output: Stage C latent 6x6, Stage B latent 64x64, Stage A f4) on the
+synthetic shapes data with the project's own training entry point (`python -m wuerstchen_fast.cli train`),
+deterministically from the seeds in `configs/shapes/stage_{a,b,c}.json`, then copies the result into
+`wuerstchen_fast/weights/default/` (what `load_pipeline()` / `sample()` load with no arguments).
+
+Order, chosen for a 2-core CPU:
+  1. the semantic compressor: a `TinyCompressor` drawn from seed 0 whose BatchNorm statistics are
+     calibrated on 512 shapes images (so its latents have unit scale, as the released EfficientNet's),
+     then frozen and shared by Stage B and Stage C (`runs/shapes/compressor`). Freezing it is what lets
+     Stage C train at the same time as Stages A and B;
+  2. Stage C (prior) in one process, while Stage A (VQGAN) and then Stage B (decoder) train in another;
+  3. the export: prior/, decoder/, vqgan/, text_encoder/, tokenizer/ and sampling.json.
+
+The text encoder is the frozen random-init tiny CLIP (`text_encoder.preset=tiny, seed=0`): Stage B and
+Stage C build the same one from the same seed and both save it; the bundle holds one copy.
+
+    python -m wuerstchen_fast.training.default_model                  # train everything, then export
+    python -m wuerstchen_fast.training.default_model --export-only    # re-export existing runs/shapes
+    python -m wuerstchen_fast.training.default_model --steps-scale 0.01 --runs runs/smoke --out /tmp/w  # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["calibrate_compressor", "train_all", "export_bundle", "SAMPLING_DEFAULTS", "DEFAULT_WEIGHTS_DIR"]
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
+CONFIGS = Path("configs/shapes")
+
+# The sampling settings the default model was evaluated with (load_pipeline/sample apply them as defaults).
+SAMPLING_DEFAULTS = {
+    "height": 256,
+    "width": 256,
+    "prior_num_inference_steps": 20,
+    "prior_guidance_scale": 4.0,
+    "num_inference_steps": 12,
+    "decoder_guidance_scale": 0.0,
+}
+
+
+@torch.no_grad()
+def calibrate_compressor(out: Path, *, seed: int = 0, n_images: int = 512, batch: int = 32, image_size: int = 192,
+                         c_latent: int = 16) -> Path:
+    """A seed-drawn TinyCompressor with BatchNorm statistics measured on shapes images; saved to `out`."""
+    from ..data import ShapesDataset
+    from .components import TinyCompressor, compressor_input, save_compressor
+
+    torch.manual_seed(seed)
+    comp = TinyCompressor(c_latent)
+    bn = comp.mapper[1]
+    bn.reset_running_stats()
+    bn.momentum = None  # cumulative average over all calibration batches
+    comp.train()
+    ds = ShapesDataset(size=256, length=n_images, seed=1000 + seed, split="train")
+    for i in range(0, n_images, batch):
+        imgs = torch.stack([ds[j][0] for j in range(i, min(i + batch, n_images))])
+        comp(compressor_input(imgs, image_size))
+    comp.eval()
+    bn.momentum = 0.1
+    return save_compressor(comp, out)
+
+
+def _train_cmd(stage: str, config: Path, overrides: list) -> list:
+    return [sys.executable, "-m", "wuerstchen_fast.cli", "train", stage, *overrides, "--config", str(config)]
+
+
+def _overrides(stage: str, runs: Path, scale: float) -> list:
+    cfg = json.loads((CONFIGS / f"{stage}.json").read_text())
+    o = [f"output_dir={runs / stage}"]
+    if scale != 1.0:
+        steps = max(2, int(round(cfg["train"]["steps"] * scale)))
+        o += [f"train.steps={steps}", f"optim.warmup_steps={max(1, min(cfg['optim']['warmup_steps'], steps // 2))}"]
+    if stage != "stage_a":
+        o.append(f"compressor.path={runs / 'compressor'}")
+    if stage == "stage_b":
+        o.append(f"stage_a.path={runs / 'stage_a' / 'model'}")
+    return o
+
+
+def train_all(runs: Path, *, scale: float = 1.0, parallel: bool = True) -> dict:
+    """Compressor, then Stage C alongside Stage A -> Stage B. Returns the wall time of each part (s)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    times = {}
+    t0 = time.perf_counter()
+    calibrate_compressor(runs / "compressor")
+    times["compressor"] = time.perf_counter() - t0
+
+    def launch(stage):
+        log = open(runs / f"{stage}.log", "w")
+        cmd = _train_cmd(stage.replace("_", "-"), CONFIGS / f"{stage}.json", _overrides(stage, runs, scale))
+        print("+", " ".join(cmd), flush=True)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
+
+    def wait(stage, proc_t):
+        proc, t = proc_t
+        rc = proc.wait()
+        times[stage] = time.perf_counter() - t
+        if rc != 0:
+            raise RuntimeError(f"{stage} training failed (exit {rc}); see {runs / (stage + '.log')}")
+        print(f"{stage} done in {times[stage] / 60:.1f} min", flush=True)
+
+    c = launch("stage_c") if parallel else None
+    wait("stage_a", launch("stage_a"))
+    wait("stage_b", launch("stage_b"))
+    wait("stage_c", c if parallel else launch("stage_c"))
+    times["total"] = time.perf_counter() - t0
+    (runs / "times.json").write_text(json.dumps(times, indent=2))
+    return times
+
+
+def export_bundle(runs: Path, out: Path = DEFAULT_WEIGHTS_DIR) -> Path:
+    """Copy the trained stages, the text encoder and the tokenizer into `out`, plus sampling.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {"prior": runs / "stage_c" / "model", "decoder": runs / "stage_b" / "model",
+             "vqgan": runs / "stage_a" / "model", "text_encoder": runs / "stage_c" / "text_encoder",
+             "tokenizer": runs / "stage_c" / "tokenizer"}
+    for name, src in parts.items():
+        if not src.is_dir():
+            raise FileNotFoundError(f"{src} is missing: train first")
+        shutil.rmtree(out / name, ignore_errors=True)
+        shutil.copytree(src, out / name)
+    (out / "sampling.json").write_text(json.dumps(SAMPLING_DEFAULTS, indent=2) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
+    p.add_argument("--runs", default="runs/shapes", help="training output folder (default runs/shapes)")
+    p.add_argument("--out", default=None, help="bundle folder (default: the package's weights/default)")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count (smoke tests)")
+    p.add_argument("--serial", action="store_true", help="train the stages one after another")
+    p.add_argument("--export-only", action="store_true", help="skip training; export existing runs")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    if not args.export_only:
+        times = train_all(runs, scale=args.steps_scale, parallel=not args.serial)
+        print("times (s):", json.dumps({k: round(v, 1) for k, v in times.items()}))
+    out = export_bundle(runs, Path(args.out) if args.out else DEFAULT_WEIGHTS_DIR)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"exported {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
