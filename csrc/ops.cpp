@@ -16,6 +16,21 @@ TORCH_LIBRARY(wuerstchen_fast_C, m) {
   // dx for layer_norm_2d; recomputes the per-pixel mean and rstd from x (one extra read of x
   // instead of storing two statistics per pixel).
   m.def("layer_norm_2d_backward(Tensor grad, Tensor x, float eps) -> Tensor");
+  // y = x * (1 + a) + b, a and b (B, C) broadcast over H, W (TimestepBlock's modulation).
+  m.def("modulate(Tensor x, Tensor a, Tensor b) -> Tensor");
+  // (dx, da, db) of modulate; da, db in a's dtype (accumulated in float64).
+  m.def("modulate_backward(Tensor grad, Tensor x, Tensor a) -> (Tensor, Tensor, Tensor)");
+  // One sampler step: model head ("eps", "stage_c", "stage_b") + CFG lerp (model_out with 2B samples)
+  // + the Wuerstchen DDPM update, float32 math, output in x's dtype and layout.
+  m.def("ddpm_step(Tensor x, Tensor model_out, Tensor t, Tensor t_prev, Tensor noise, float guidance, str head, "
+        "float s, float scaler) -> Tensor");
+  // GRN over a (B, H, W, C) tensor: (sum_p v^2 (B, C) float64, zeros(1)) without dy, or
+  // (sum_p dy*v (B, C), sum_{b,p} dy (C,)) float64 with dy; v = x, or GELU(x) when gelu.
+  m.def("grn_colsum(Tensor x, Tensor? dy, bool gelu) -> (Tensor, Tensor)");
+  // v * scale[b, c] (+ beta[c]), row-major (B, H, W, C) output; v = x or GELU(x).
+  m.def("grn_apply(Tensor x, Tensor scale, Tensor? beta, bool gelu) -> Tensor");
+  // (dy * scale + v * t) (* GELU'(x) when gelu), row-major (B, H, W, C) output.
+  m.def("grn_apply_backward(Tensor x, Tensor dy, Tensor scale, Tensor t, bool gelu) -> Tensor");
 }
 
 namespace {

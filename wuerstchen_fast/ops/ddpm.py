@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .._extension import extension
 from . import backends as bk
 from . import reference, registry
 from .layout import empty_out_like
@@ -34,7 +35,13 @@ def _torch_fwd(x, model_out, t, t_prev, noise, guidance, head, s, scaler):
     return empty_out_like(x).copy_(out)
 
 
-_FWD = {"torch": _torch_fwd, "triton": _triton_fwd}
+def _ext_fwd(x, model_out, t, t_prev, noise, guidance=1.0, head="eps", s=0.008, scaler=1.0):
+    # the C++ op dispatches on the device: CPU or CUDA kernel
+    return torch.ops.wuerstchen_fast_C.ddpm_step(x, model_out, t, t_prev, noise, float(guidance), head, float(s),
+                                                 float(scaler))
+
+
+_FWD = {"torch": _torch_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
 
 
 @torch.library.custom_op("wuerstchen_fast::ddpm_step", mutates_args=())
@@ -47,6 +54,10 @@ def ddpm_step_op(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, t_pr
 @ddpm_step_op.register_fake
 def _(x, model_out, t, t_prev, noise, guidance, head, s, scaler, backend):
     return empty_out_like(x)
+
+
+if extension() is not None:
+    torch.library.register_fake("wuerstchen_fast_C::ddpm_step")(lambda x, *rest: empty_out_like(x))
 
 
 # ------------------------------------------------------------------------------ registry entry
@@ -75,6 +86,13 @@ def _check_triton(x, model_out, t, t_prev, noise, guidance=1.0, head="eps", s=0.
     return r + bk.float_dtype(x, model_out, noise) + bk.for_triton(x, model_out, noise, t, t_prev)
 
 
+def _check_ext(device):
+    def check(x, model_out, t, t_prev, noise, guidance=1.0, head="eps", s=0.008, scaler=1.0):
+        r = _shape_reasons(x, model_out, t, t_prev, noise, guidance, head, s, scaler)
+        return r + bk.float_dtype(x, model_out, noise) + bk.on_device(device, x, model_out, noise, t, t_prev)
+    return check
+
+
 def _samples(device="cpu"):
     g = torch.Generator().manual_seed(0)
     out = []
@@ -95,7 +113,11 @@ def _samples(device="cpu"):
 
 def _opcheck_cases(args, kwargs, backend):
     kw = dict(dict(guidance=1.0, head="eps", s=0.008, scaler=1.0), **kwargs)
-    return [(ddpm_step_op, tuple(args) + (kw["guidance"], kw["head"], kw["s"], kw["scaler"], backend), {})]
+    extra = (kw["guidance"], kw["head"], kw["s"], kw["scaler"])
+    cases = [(ddpm_step_op, tuple(args) + extra + (backend,), {})]
+    if backend in ("cpu", "cuda"):
+        cases.append((torch.ops.wuerstchen_fast_C.ddpm_step.default, tuple(args) + extra, {}))
+    return cases
 
 
 SPEC = registry.OpSpec(
@@ -108,6 +130,8 @@ SPEC = registry.OpSpec(
 )
 SPEC.add(registry.Impl("torch", reference.ddpm_step_fused, _shape_reasons, lambda: []))
 SPEC.add(registry.Impl("triton", _triton_fwd, _check_triton, bk.triton_available))
+SPEC.add(registry.Impl("cpu", _ext_fwd, _check_ext("cpu"), bk.cpu_ext_available))
+SPEC.add(registry.Impl("cuda", _ext_fwd, _check_ext("cuda"), bk.cuda_ext_available))
 registry.register_op(SPEC)
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from .._extension import extension
 from . import backends as bk
 from . import reference, registry
 from .layout import empty_out_like
 
 __all__ = ["modulate"]
+
+
+_EXT = ("cpu", "cuda")
 
 
 def _k():
@@ -25,6 +29,8 @@ def _k():
 
 @torch.library.custom_op("wuerstchen_fast::modulate", mutates_args=())
 def modulate_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend in _EXT:  # the C++ op dispatches on the device: CPU or CUDA kernel
+        return torch.ops.wuerstchen_fast_C.modulate(x, a, b)
     return _k().mod_fwd(x, a, b, empty_out_like(x))
 
 
@@ -36,6 +42,9 @@ def _(x, a, b, backend):
 @torch.library.custom_op("wuerstchen_fast::modulate_backward", mutates_args=())
 def modulate_backward_op(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend in _EXT:
+        dx, da, db = torch.ops.wuerstchen_fast_C.modulate_backward(grad, x, a)
+        return dx, da, db
     dx = empty_out_like(x)
     da, db = _k().mod_bwd(grad, x, a, dx)
     return dx, da.to(a.dtype), db.to(a.dtype)
@@ -59,6 +68,11 @@ def _backward(ctx, grad):
 
 
 modulate_op.register_autograd(_backward, setup_context=_setup_context)
+
+if extension() is not None:
+    torch.library.register_fake("wuerstchen_fast_C::modulate")(lambda x, a, b: empty_out_like(x))
+    torch.library.register_fake("wuerstchen_fast_C::modulate_backward")(
+        lambda g, x, a: (empty_out_like(x), a.new_empty(a.shape), a.new_empty(a.shape)))
 
 
 # ------------------------------------------------------------------------------ registry entry
@@ -88,8 +102,12 @@ def _opcheck_cases(args, kwargs, backend):
     x, a, b = args
     a, b = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
     grad = torch.randn_like(x).detach()
-    return [(modulate_op, (x, a, b, backend), {}),
-            (modulate_backward_op, (grad, x.detach(), a.detach(), backend), {})]
+    cases = [(modulate_op, (x, a, b, backend), {}),
+             (modulate_backward_op, (grad, x.detach(), a.detach(), backend), {})]
+    if backend in _EXT:
+        cases += [(torch.ops.wuerstchen_fast_C.modulate.default, (x.detach(), a.detach(), b.detach()), {}),
+                  (torch.ops.wuerstchen_fast_C.modulate_backward.default, (grad, x.detach(), a.detach()), {})]
+    return cases
 
 
 SPEC = registry.OpSpec(
@@ -97,11 +115,17 @@ SPEC = registry.OpSpec(
     doc="timestep modulation x * (1 + a) + b, a and b per (batch, channel)",
     samples=_samples,
     opcheck_cases=_opcheck_cases,
+    # cpu: the reference until bench/bench_ops_ext.py measures the extension faster on a CPU.
+    priority={"cuda": ("cuda", "triton", "torch"), "cpu": ("torch", "cpu")},
     triton_modules=("wuerstchen_fast.kernels.triton.modulation",),
 )
 SPEC.add(registry.Impl("torch", reference.modulate, lambda x, a, b: bk.ndim(4, x), lambda: []))
 SPEC.add(registry.Impl("triton", lambda x, a, b: modulate_op(x, a, b, "triton"),
                        lambda x, a, b: _check(x, a, b) + bk.for_triton(x, a, b), bk.triton_available))
+SPEC.add(registry.Impl("cpu", lambda x, a, b: modulate_op(x, a, b, "cpu"),
+                       lambda x, a, b: _check(x, a, b) + bk.on_device("cpu", x, a, b), bk.cpu_ext_available))
+SPEC.add(registry.Impl("cuda", lambda x, a, b: modulate_op(x, a, b, "cuda"),
+                       lambda x, a, b: _check(x, a, b) + bk.on_device("cuda", x, a, b), bk.cuda_ext_available))
 registry.register_op(SPEC)
 
 

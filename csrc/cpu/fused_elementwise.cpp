@@ -1,0 +1,399 @@
+// CPU kernels of the fused elementwise / per-channel-reduction ops: modulate (forward, backward),
+// ddpm_step (model head + CFG lerp + DDPM update) and GRN (column sums, apply, apply backward, with
+// GELU folded in when the ResBlock feeds the pre-activation).
+//
+// Layouts: the (B, C, H, W) ops index NCHW or NHWC directly (csrc/layout.h; anything else is copied
+// to NCHW first) with the innermost loop over the contiguous axis (H*W pixels for NCHW, C channels
+// for NHWC) written with at::vec::Vectorized<float> so it vectorises; GRN operands are (B, H, W, C)
+// row-major (channels innermost). Per-element math float32; reductions (modulate's da, db; GRN's
+// Σv², Σdy·v, Σdy) accumulate in float64 (modulate NCHW: float32 over 4 vectors, then float64), as the
+// Triton kernels keep them in float64. Parallel over independent rows/column tiles (at::parallel_for).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../fused_host.h"
+
+namespace wf {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VL = Vec::size();
+
+template <typename T>
+inline Vec ld(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    float buf[VL];
+    for (int64_t i = 0; i < VL; ++i) buf[i] = float(p[i]);
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename T>
+inline void st(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    float buf[VL];
+    v.store(buf);
+    for (int64_t i = 0; i < VL; ++i) p[i] = T(buf[i]);
+  }
+}
+
+// ------------------------------------------------------------------------------------ modulate
+// y = x * A + Bv along n contiguous elements; A, Bv either scalars (NCHW row) or arrays (NHWC row).
+template <typename TI, typename T>
+inline void axpb_row(const TI* x, T* y, int64_t n, const float* A, const float* Bv, bool per_elem, float a0, float b0) {
+  int64_t i = 0;
+  if (per_elem) {
+    for (; i + VL <= n; i += VL) st(y + i, at::vec::fmadd(ld(x + i), Vec::loadu(A + i), Vec::loadu(Bv + i)));
+    for (; i < n; ++i) y[i] = T(float(x[i]) * A[i] + Bv[i]);
+  } else {
+    const Vec va(a0), vb(b0);
+    for (; i + VL <= n; i += VL) st(y + i, at::vec::fmadd(ld(x + i), va, vb));
+    for (; i < n; ++i) y[i] = T(float(x[i]) * a0 + b0);
+  }
+}
+
+at::Tensor modulate_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::Tensor& b) {
+  check_float_dtype(x_in, "modulate");
+  const Dense d = as_dense(x_in);
+  const at::Tensor& x = d.t;
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const at::Tensor A = bc_float(a, B, C, "modulate: a").add(1.0), Bv = bc_float(b, B, C, "modulate: b");
+  at::Tensor y = empty_in_layout(x, d.layout);
+  if (x.numel() == 0) return y;
+  const float *pa = A.const_data_ptr<float>(), *pb = Bv.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "modulate_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (d.layout == Layout::NCHW) {
+      at::parallel_for(0, B * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) axpb_row(xp + r * HW, yp + r * HW, HW, nullptr, nullptr, false, pa[r], pb[r]);
+      });
+    } else {
+      at::parallel_for(0, B * HW, std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t bb = r / HW;
+          axpb_row(xp + r * C, yp + r * C, C, pa + bb * C, pb + bb * C, true, 0.f, 0.f);
+        }
+      });
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> modulate_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in,
+                                                                     const at::Tensor& a) {
+  check_float_dtype(x_in, "modulate_backward");
+  TORCH_CHECK(grad.sizes() == x_in.sizes() && grad.scalar_type() == x_in.scalar_type(),
+              "modulate_backward: grad must match x in shape and dtype");
+  const Dense d = as_dense(x_in);
+  const at::Tensor& x = d.t;
+  const at::Tensor g = in_layout(grad, d.layout);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const at::Tensor A = bc_float(a, B, C, "modulate_backward: a").add(1.0);
+  at::Tensor dx = empty_in_layout(x, d.layout);
+  at::Tensor da = at::zeros({B, C}, x.options().dtype(at::kDouble)), db = at::zeros({B, C}, da.options());
+  if (x.numel() > 0) {
+    const float* pa = A.const_data_ptr<float>();
+    double *pda = da.mutable_data_ptr<double>(), *pdb = db.mutable_data_ptr<double>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "modulate_backward_cpu", [&] {
+      const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = g.const_data_ptr<scalar_t>();
+      scalar_t* op = dx.mutable_data_ptr<scalar_t>();
+      if (d.layout == Layout::NCHW) {
+        at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1)), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t *xr = xp + r * HW, *gr = gp + r * HW;
+            scalar_t* orow = op + r * HW;
+            const Vec va(pa[r]);
+            double sx = 0, sg = 0;
+            for (int64_t i0 = 0; i0 < HW; i0 += 4 * VL) {  // float32 partials over <= 4 vectors
+              Vec ax(0.f), ag(0.f);
+              const int64_t i1 = std::min(HW, i0 + 4 * VL);
+              int64_t i = i0;
+              for (; i + VL <= i1; i += VL) {
+                const Vec gv = ld(gr + i), xv = ld(xr + i);
+                st(orow + i, gv * va);
+                ax = at::vec::fmadd(gv, xv, ax);
+                ag = ag + gv;
+              }
+              float fx = 0, fg = 0;
+              for (; i < i1; ++i) {
+                const float gv = float(gr[i]);
+                orow[i] = scalar_t(gv * pa[r]);
+                fx += gv * float(xr[i]);
+                fg += gv;
+              }
+              float bx[VL], bg[VL];
+              ax.store(bx);
+              ag.store(bg);
+              for (int64_t k = 0; k < VL; ++k) { fx += bx[k]; fg += bg[k]; }
+              sx += fx;
+              sg += fg;
+            }
+            pda[r] = sx;
+            pdb[r] = sg;
+          }
+        });
+      } else {
+        // NHWC: tasks are (batch, tile of 64 channels); each walks the batch's pixels.
+        constexpr int64_t CT = 64;
+        const int64_t ct = (C + CT - 1) / CT;
+        at::parallel_for(0, B * ct, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t task = t0; task < t1; ++task) {
+            const int64_t bb = task / ct, c0 = (task % ct) * CT, n = std::min(CT, C - c0);
+            const float* ab = pa + bb * C + c0;
+            double sx[CT] = {0}, sg[CT] = {0};
+            for (int64_t p0 = 0; p0 < HW; p0 += 64) {
+              double fx[CT] = {0}, fg[CT] = {0};
+              for (int64_t p = p0; p < std::min(HW, p0 + 64); ++p) {
+                const int64_t off = (bb * HW + p) * C + c0;
+                const scalar_t *xr = xp + off, *gr = gp + off;
+                scalar_t* orow = op + off;
+                for (int64_t i = 0; i < n; ++i) {
+                  const float gv = float(gr[i]);
+                  orow[i] = scalar_t(gv * ab[i]);
+                  fx[i] += double(gv) * float(xr[i]);
+                  fg[i] += gv;
+                }
+              }
+              for (int64_t i = 0; i < n; ++i) { sx[i] += fx[i]; sg[i] += fg[i]; }
+            }
+            for (int64_t i = 0; i < n; ++i) { pda[bb * C + c0 + i] = sx[i]; pdb[bb * C + c0 + i] = sg[i]; }
+          }
+        });
+      }
+    });
+  }
+  return {dx, da.to(a.scalar_type()), db.to(a.scalar_type())};
+}
+
+// ------------------------------------------------------------------------------------ ddpm_step
+at::Tensor ddpm_step_cpu(const at::Tensor& x_in, const at::Tensor& model_out, const at::Tensor& t,
+                         const at::Tensor& t_prev, const at::Tensor& noise, double guidance, c10::string_view head_s,
+                         double s, double scaler) {
+  check_float_dtype(x_in, "ddpm_step");
+  const int head = head_index(std::string(head_s));
+  const Dense d = as_dense(x_in);
+  const at::Tensor& x = d.t;
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t Co = head == 0 ? C : 2 * C;
+  TORCH_CHECK(model_out.dim() == 4 && (model_out.size(0) == B || model_out.size(0) == 2 * B) &&
+                  model_out.size(1) == Co && model_out.size(2) == x.size(2) && model_out.size(3) == x.size(3),
+              "ddpm_step: model_out has shape ", model_out.sizes(), ", expected (", B, " or ", 2 * B, ", ", Co,
+              ", H, W)");
+  TORCH_CHECK(noise.sizes() == x.sizes(), "ddpm_step: noise must have x's shape");
+  TORCH_CHECK(t.numel() == 1 || t.numel() == B, "ddpm_step: t needs 1 or B values");
+  TORCH_CHECK(t_prev.numel() == 1 || t_prev.numel() == B, "ddpm_step: t_prev needs 1 or B values");
+  const bool cfg = model_out.size(0) == 2 * B;
+  const at::Tensor o = in_layout(model_out.to(x.scalar_type()), d.layout);
+  const at::Tensor z = in_layout(noise.to(x.scalar_type()), d.layout);
+  const at::Tensor tt = t.reshape(-1).to(at::kFloat).contiguous(), tp = t_prev.reshape(-1).to(at::kFloat).contiguous();
+  const Schedule q = make_schedule(s, scaler);
+  std::vector<StepCoef> coef(B);
+  for (int64_t b = 0; b < B; ++b)
+    coef[b] = step_coef<double>(tt.const_data_ptr<float>()[t.numel() == 1 ? 0 : b],
+                                tp.const_data_ptr<float>()[t_prev.numel() == 1 ? 0 : b], q);
+  at::Tensor y = empty_in_layout(x, d.layout);
+  if (x.numel() == 0) return y;
+  const bool nchw = d.layout == Layout::NCHW;
+  // (outer, inner) per batch: NCHW (c, p), NHWC (p, c); inner is contiguous in every tensor.
+  const int64_t n_outer = nchw ? C : HW, n_inner = nchw ? HW : C;
+  const int64_t so_outer = nchw ? HW : Co, half = nchw ? C * HW : C, sob = Co * HW, sxo = n_inner;
+  const float w = float(guidance);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ddpm_step_cpu", [&] {
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *op = o.const_data_ptr<scalar_t>(),
+                   *zp = z.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * n_outer, std::max<int64_t>(1, 16384 / n_inner), [&](int64_t r0, int64_t r1) {
+      float eb[256];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / n_outer, j = r % n_outer;
+        const StepCoef k = coef[b];
+        const int64_t xo = b * C * HW + j * sxo, oo = b * sob + j * so_outer;
+        for (int64_t i0 = 0; i0 < n_inner; i0 += 256) {
+          const int64_t n = std::min<int64_t>(256, n_inner - i0);
+          const scalar_t *xr = xp + xo + i0, *zr = zp + xo + i0, *oc = op + oo + i0;
+          scalar_t* yr = yp + xo + i0;
+          if (head == 0) {
+            for (int64_t i = 0; i < n; ++i) eb[i] = float(oc[i]);
+            if (cfg) {
+              const scalar_t* ou = oc + B * sob;
+              for (int64_t i = 0; i < n; ++i) { const float u = float(ou[i]); eb[i] = u + w * (eb[i] - u); }
+            }
+          } else {
+            for (int64_t i = 0; i < n; ++i) eb[i] = head_eps(head, float(xr[i]), float(oc[i]), float(oc[i + half]));
+            if (cfg) {
+              const scalar_t* ou = oc + B * sob;
+              for (int64_t i = 0; i < n; ++i) {
+                const float u = head_eps(head, float(xr[i]), float(ou[i]), float(ou[i + half]));
+                eb[i] = u + w * (eb[i] - u);
+              }
+            }
+          }
+          const Vec k0(k.k0), k1(k.k1), k2(k.k2);
+          int64_t i = 0;
+          for (; i + VL <= n; i += VL)
+            st(yr + i, at::vec::fmadd(k0, ld(xr + i) - k1 * Vec::loadu(eb + i), k2 * ld(zr + i)));
+          for (; i < n; ++i) yr[i] = scalar_t(k.k0 * (float(xr[i]) - k.k1 * eb[i]) + k.k2 * float(zr[i]));
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------ GRN
+// x (B, P, C) contiguous rows. MODE 0: out[b, c] = Σ_p v²; MODE 1: out[b, c] = Σ_p dy·v and
+// out_dy[c] = Σ_{b,p} dy. v = x or GELU(x). Tasks: (batch, tile of CT channels).
+constexpr int64_t CT = 64;
+
+template <typename T>
+void colsum_impl(const T* x, const T* dy, double* out, double* out_dy, int64_t B, int64_t P, int64_t C, bool gelu_on) {
+  const int64_t ct = (C + CT - 1) / CT;
+  std::vector<double> part_dy(dy ? B * C : 0, 0.0);
+  at::parallel_for(0, B * ct, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / ct, c0 = (task % ct) * CT, n = std::min(CT, C - c0);
+      double s1[CT] = {0}, s2[CT] = {0};
+      for (int64_t p0 = 0; p0 < P; p0 += 64) {
+        double f1[CT] = {0}, f2[CT] = {0};
+        for (int64_t p = p0; p < std::min(P, p0 + 64); ++p) {
+          const int64_t off = (b * P + p) * C + c0;
+          const T* xr = x + off;
+          if (!dy) {
+            if (gelu_on) for (int64_t i = 0; i < n; ++i) { const double v = gelu(float(xr[i])); f1[i] += v * v; }
+            else for (int64_t i = 0; i < n; ++i) { const double v = float(xr[i]); f1[i] += v * v; }
+          } else {
+            const T* gr = dy + off;
+            for (int64_t i = 0; i < n; ++i) {
+              const double v = gelu_on ? gelu(float(xr[i])) : float(xr[i]), g = float(gr[i]);
+              f1[i] += g * v;
+              f2[i] += g;
+            }
+          }
+        }
+        for (int64_t i = 0; i < n; ++i) { s1[i] += f1[i]; s2[i] += f2[i]; }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        out[b * C + c0 + i] = s1[i];
+        if (dy) part_dy[b * C + c0 + i] = s2[i];
+      }
+    }
+  });
+  if (dy)
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0;
+      for (int64_t b = 0; b < B; ++b) s += part_dy[b * C + c];
+      out_dy[c] = s;
+    }
+}
+
+std::tuple<at::Tensor, at::Tensor> grn_colsum_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& dy_in,
+                                                  bool gelu_on) {
+  const at::Tensor x = rows4(x_in, "grn_colsum");
+  const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
+  at::Tensor dy;
+  if (dy_in.has_value()) {
+    TORCH_CHECK(dy_in->sizes() == x.sizes() && dy_in->scalar_type() == x.scalar_type(), "grn_colsum: dy must match x");
+    dy = dy_in->contiguous();
+  }
+  at::Tensor out = at::zeros({B, C}, x.options().dtype(at::kDouble));
+  at::Tensor out_dy = at::zeros({dy.defined() ? C : 1}, out.options());
+  if (x.numel() == 0) return {out, out_dy};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grn_colsum_cpu", [&] {
+    colsum_impl<scalar_t>(x.const_data_ptr<scalar_t>(), dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr,
+                          out.mutable_data_ptr<double>(), out_dy.mutable_data_ptr<double>(), B, P, C, gelu_on);
+  });
+  return {out, out_dy};
+}
+
+// out = v·s[b, c] (+ β[c]); DX = (dy·s + v·t)(·GELU'(x)).
+at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const c10::optional<at::Tensor>& beta,
+                         bool gelu_on) {
+  const at::Tensor x = rows4(x_in, "grn_apply");
+  const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
+  const at::Tensor sc = bc_float(scale, B, C, "grn_apply: scale");
+  const at::Tensor bt = beta.has_value() ? beta->reshape(-1).to(at::kFloat).contiguous() : at::zeros({C}, sc.options());
+  TORCH_CHECK(bt.numel() == C, "grn_apply: beta needs ", C, " elements");
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  const float *ps = sc.const_data_ptr<float>(), *pb = bt.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grn_apply_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * P, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      float buf[CT];
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* sb = ps + (r / P) * C;
+        const scalar_t* xr = xp + r * C;
+        scalar_t* yr = yp + r * C;
+        if (!gelu_on) {
+          axpb_row(xr, yr, C, sb, pb, true, 0.f, 0.f);
+          continue;
+        }
+        for (int64_t c0 = 0; c0 < C; c0 += CT) {
+          const int64_t n = std::min(CT, C - c0);
+          for (int64_t i = 0; i < n; ++i) buf[i] = gelu(float(xr[c0 + i]));
+          axpb_row(buf, yr + c0, n, sb + c0, pb + c0, true, 0.f, 0.f);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+at::Tensor grn_apply_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, const at::Tensor& scale,
+                                  const at::Tensor& t, bool gelu_on) {
+  const at::Tensor x = rows4(x_in, "grn_apply_backward");
+  TORCH_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(), "grn_apply_backward: dy must match x");
+  const at::Tensor dy = dy_in.contiguous();
+  const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
+  const at::Tensor sc = bc_float(scale, B, C, "grn_apply_backward: scale"), tc = bc_float(t, B, C, "grn_apply_backward: t");
+  at::Tensor dx = at::empty_like(x);
+  if (x.numel() == 0) return dx;
+  const float *ps = sc.const_data_ptr<float>(), *pt = tc.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grn_apply_backward_cpu", [&] {
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = dy.const_data_ptr<scalar_t>();
+    scalar_t* op = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * P, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float *sb = ps + (r / P) * C, *tb = pt + (r / P) * C;
+        const scalar_t *xr = xp + r * C, *gr = gp + r * C;
+        scalar_t* orow = op + r * C;
+        if (gelu_on) {
+          for (int64_t c = 0; c < C; ++c) {
+            const float xv = float(xr[c]);
+            orow[c] = scalar_t((float(gr[c]) * sb[c] + gelu(xv) * tb[c]) * gelu_grad(xv));
+          }
+        } else {
+          int64_t c = 0;
+          for (; c + VL <= C; c += VL)
+            st(orow + c, at::vec::fmadd(ld(gr + c), Vec::loadu(sb + c), ld(xr + c) * Vec::loadu(tb + c)));
+          for (; c < C; ++c) orow[c] = scalar_t(float(gr[c]) * sb[c] + float(xr[c]) * tb[c]);
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace wf
+
+TORCH_LIBRARY_IMPL(wuerstchen_fast_C, CPU, m) {
+  m.impl("modulate", &wf::modulate_cpu);
+  m.impl("modulate_backward", &wf::modulate_backward_cpu);
+  m.impl("ddpm_step", &wf::ddpm_step_cpu);
+  m.impl("grn_colsum", &wf::grn_colsum_cpu);
+  m.impl("grn_apply", &wf::grn_apply_cpu);
+  m.impl("grn_apply_backward", &wf::grn_apply_backward_cpu);
+}
