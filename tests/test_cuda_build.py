@@ -16,14 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "kernels" / "cuda").glob("*.cu"))
-# Spills found by this test in kernels owned elsewhere, reported and expected to fail until fixed
-# (strict: the mark must go when the kernel stops spilling).
-KNOWN_SPILLS = {"layer_norm_2d.cu": "ln2d_nchw_kernel<float, false> spills 4 bytes on sm_80 (issue 6 report)"}
-
-
-def _params():
-    return [pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN_SPILLS[p.name], strict=True))
-            if p.name in KNOWN_SPILLS else p for p in SOURCES]
 
 
 def _cuda_home():
@@ -78,7 +70,7 @@ def _demangle(names):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", _params(), ids=lambda p: p.name)
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_cuda_kernels_compile_without_spills(source, tmp_path):
     cuda_home = _cuda_home()
     if cuda_home is None:

@@ -43,13 +43,13 @@ __device__ __forceinline__ void push(Acc& a, float v, float g) {
   a.mean = new_mean;
 }
 
+// Branch-free: an empty side (n = 0, all sums 0) gives weight 0 to itself and leaves the other intact.
 template <bool BACKWARD>
 __device__ __forceinline__ Acc merge(const Acc& a, const Acc& b) {
   const float n = a.n + b.n;
-  if (b.n == 0.f) return a;
-  if (a.n == 0.f) return b;
-  const float delta = b.mean - a.mean, mean = a.mean + delta * (b.n / n);
-  Acc r{n, mean, a.m2 + b.m2 + delta * delta * (a.n * b.n / n), 0.f, 0.f};
+  const float wb = n > 0.f ? b.n / n : 0.f;  // b's share of the merged count
+  const float delta = b.mean - a.mean, mean = a.mean + delta * wb;
+  Acc r{n, mean, a.m2 + b.m2 + delta * delta * a.n * wb, 0.f, 0.f};
   if constexpr (BACKWARD) {
     r.ga = a.ga - (mean - a.mean) * a.gs + b.ga - (mean - b.mean) * b.gs;
     r.gs = a.gs + b.gs;
