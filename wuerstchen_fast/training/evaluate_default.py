@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--prior-steps", type=int, default=None)
     p.add_argument("--prior-guidance", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--decoder-guidance", type=float, default=None)
     args = p.parse_args(argv)
     import torch
 
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     pipe = load_pipeline(device="cpu")
     sampling = dict(getattr(pipe, "call_defaults", {}))
     for k, v in (("prior_num_inference_steps", args.prior_steps), ("prior_guidance_scale", args.prior_guidance),
-                 ("num_inference_steps", args.steps)):
+                 ("num_inference_steps", args.steps), ("decoder_guidance_scale", args.decoder_guidance)):
         if v is not None:
             sampling[k] = v
     report, images = evaluate(pipe, seeds=args.seeds, sampling=sampling)
