@@ -18,7 +18,7 @@ Stage C build the same one from the same seed and both save it; the bundle holds
 
     python -m wuerstchen_fast.training.default_model                  # train everything, then export
     python -m wuerstchen_fast.training.default_model --export-only    # re-export existing runs/shapes
-    python -m wuerstchen_fast.training.default_model --steps-scale 0.01 --runs runs/smoke --out /tmp/w  # smoke test
+    python -m wuerstchen_fast.training.default_model --steps-scale 0.01 --runs runs/smoke --out runs/smoke/bundle  # smoke test
 """
 from __future__ import annotations
 
