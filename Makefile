@@ -6,6 +6,8 @@
 #   make bench-cpu   the CPU benchmark suite (not part of CI), results into bench/results/
 #   make bench-table regenerate bench/RESULTS.md from the committed result files
 #   make bench-gpu-dry-run  print what bench/gpu_runner.sh would do on a GPU machine
+#   make train-default  train the bundled default model from scratch (CPU, ~1 h) into wuerstchen_fast/weights/default
+#   make eval-default   held-out accuracy table and sample grid of the default model
 #   make build       (re)build the compiled extension in place
 #   make wheel       build a wheel into dist/
 
@@ -19,7 +21,7 @@ TEST_DEPS := pytest==9.2.0 pytest-benchmark==5.3.1 diffusers==0.42.1 transformer
              build==1.6.1
 PROMPT ?= a red circle on a blue background
 
-.PHONY: demo test bench-cpu bench-table bench-gpu-dry-run build wheel venv clean
+.PHONY: demo test train-default eval-default bench-cpu bench-table bench-gpu-dry-run build wheel venv clean
 
 # The stamp is rebuilt when the build inputs change, which rebuilds the extension.
 $(VENV)/.installed: setup.py pyproject.toml CMakeLists.txt csrc/sources.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp kernels/cuda/*.cu kernels/cuda/*.cuh)
@@ -39,6 +41,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+train-default: $(VENV)/.installed
+	$(BIN)/python -m wuerstchen_fast.training.default_model
+
+eval-default: $(VENV)/.installed
+	$(BIN)/python -m wuerstchen_fast.training.evaluate_default
 
 bench-cpu: $(VENV)/.installed
 	PYTHON=$(BIN)/python bash bench/run_cpu.sh

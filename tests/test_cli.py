@@ -40,10 +40,19 @@ def test_help_explains_every_option():
     assert "4*int(ceil(H/42.67)*10.67)" in help_text
 
 
-def test_errors_are_one_clear_line(tiny_repos, tmp_path, capsys):
+def test_no_weights_uses_the_bundled_model_with_its_own_size(tmp_path):
+    out = tmp_path / "x.png"
+    assert main(["sample", "a red circle on a blue background", "--out", str(out), "--seed", "0", "--no-progress"]) == 0
+    assert Image.open(out).size == (256, 256)  # the bundle's sampling.json, not the 1024 px of the released models
+
+
+def test_errors_are_one_clear_line(tiny_repos, tmp_path, capsys, monkeypatch):
+    from wuerstchen_fast.pipeline import loading
+
+    monkeypatch.setattr(loading, "DEFAULT_WEIGHTS", tmp_path / "absent")  # an installation without the bundle
     rc = main(["sample", "a cat", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
-    assert rc == 2 and "does not bundle default weights yet" in err and "--prior DIR --decoder DIR" in err
+    assert rc == 2 and "no bundled default weights" in err and "--prior DIR --decoder DIR" in err
     rc = main(["sample", "a cat", "--prior", str(tiny_repos[0]), "--decoder", str(tiny_repos[1]), "--height", "300",
                "--width", "128", "--device", "cpu"])
     assert rc == 2 and "height=300 cannot be generated" in capsys.readouterr().err

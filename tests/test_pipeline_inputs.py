@@ -66,8 +66,12 @@ def test_cuda_graphs_needs_cuda(tiny_repos):
         load_pipeline(*tiny_repos, device="cpu", cuda_graphs=True)
 
 
-def test_no_default_weights_says_how_to_pass_them():
-    with pytest.raises(NoDefaultWeightsError, match=r"does not bundle default weights yet.*load_pipeline\(prior="):
+def test_no_default_weights_says_how_to_pass_them(tmp_path, monkeypatch):
+    # An installation without the bundled model (weights/default/ absent): say how to pass weights.
+    from wuerstchen_fast.pipeline import loading
+
+    monkeypatch.setattr(loading, "DEFAULT_WEIGHTS", tmp_path / "absent")
+    with pytest.raises(NoDefaultWeightsError, match=r"no bundled default weights.*load_pipeline\(prior="):
         load_pipeline(device="cpu")
 
 

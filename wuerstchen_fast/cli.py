@@ -30,18 +30,19 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                                      "holding prior/ and decoder/ repos (instead of --prior/--decoder)")
     g = p.add_argument_group("generation")
     g.add_argument("--negative", default=None, help="negative prompt (used where guidance is on)")
-    g.add_argument("--height", type=int, default=1024,
-                   help="image height in pixels (default 1024); the image side is 4*int(ceil(H/42.67)*10.67)")
-    g.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024), same rule")
+    g.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (default: the weights' own, e.g. 256 for the bundled model, else 512); "
+                        "the image side is 4*int(ceil(H/42.67)*10.67)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (default as --height), same rule")
     g.add_argument("--seed", type=int, default=None, help="random seed (a CPU generator: same image on any device)")
-    g.add_argument("--prior-steps", type=int, default=60, help="Stage C denoising steps (default 60)")
+    g.add_argument("--prior-steps", type=int, default=None, help="Stage C denoising steps (default 60, or the weights' own)")
     g.add_argument("--prior-fast", action="store_true",
                    help="use the released 29-step Stage C schedule DEFAULT_STAGE_C_TIMESTEPS instead of --prior-steps")
-    g.add_argument("--prior-guidance", type=float, default=4.0,
-                   help="Stage C classifier-free guidance scale (default 4.0; applied only when > 1)")
-    g.add_argument("--steps", type=int, default=12, help="Stage B denoising steps (default 12)")
-    g.add_argument("--decoder-guidance", type=float, default=0.0,
-                   help="Stage B classifier-free guidance scale (default 0.0 = off; applied only when > 1)")
+    g.add_argument("--prior-guidance", type=float, default=None,
+                   help="Stage C classifier-free guidance scale (default 4.0, or the weights' own; applied only when > 1)")
+    g.add_argument("--steps", type=int, default=None, help="Stage B denoising steps (default 12, or the weights' own)")
+    g.add_argument("--decoder-guidance", type=float, default=None,
+                   help="Stage B classifier-free guidance scale (default 0.0 = off, or the weights' own; applied only when > 1)")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -58,13 +59,15 @@ def _run_sample(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.prior, args.decoder, weights=args.weights, device=args.device, dtype=args.dtype,
                          compile=args.compile, cuda_graphs=args.cuda_graphs)
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+    # Options left unset fall back to the pipeline's defaults (for the bundled model: its sampling.json).
+    given = dict(height=args.height, width=args.width, prior_num_inference_steps=args.prior_steps,
+                 prior_guidance_scale=args.prior_guidance, num_inference_steps=args.steps,
+                 decoder_guidance_scale=args.decoder_guidance)
     images = pipe(
-        prompts, height=args.height, width=args.width, negative_prompt=args.negative,
-        prior_num_inference_steps=args.prior_steps,
+        prompts, negative_prompt=args.negative,
         prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS if args.prior_fast else None,
-        prior_guidance_scale=args.prior_guidance, num_inference_steps=args.steps,
-        decoder_guidance_scale=args.decoder_guidance, num_images_per_prompt=args.num_images, seed=args.seed,
-        output_type="pil", progress=not args.no_progress,
+        num_images_per_prompt=args.num_images, seed=args.seed,
+        output_type="pil", progress=not args.no_progress, **{k: v for k, v in given.items() if v is not None},
     ).images
     out = Path(args.out)
     if out.suffix.lower() != ".png":
