@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from wuerstchen_fast.data import ShapesDataset
 from wuerstchen_fast.data.shapes import HELDOUT_TRIPLES, POSITIONS, render_shape
@@ -98,3 +99,31 @@ def test_committed_evaluation_table_is_consistent():
     for k, v in report["accuracy_percent"].items():
         assert abs(recomputed[k] - v) < 0.06, (k, v, recomputed[k])
     assert set(report["targets_percent"]) == set(TARGETS)
+
+
+def test_default_tokenizer_without_transformers_matches_it(monkeypatch):
+    # transformers is a test dependency, not a runtime one: the bundled model must tokenize without it,
+    # exactly as transformers' CLIPTokenizer does from the same folder.
+    import sys
+
+    from transformers import CLIPTokenizer
+
+    from wuerstchen_fast.pipeline import loading
+    from wuerstchen_fast.pipeline.core import TextEncoder
+
+    folder = loading.DEFAULT_WEIGHTS / "tokenizer"
+    reference = CLIPTokenizer.from_pretrained(str(folder))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    offline = loading._load_tokenizer(folder)
+    assert not isinstance(offline, CLIPTokenizer)
+    prompts = ["a red circle on a blue background", "", "A GREEN square, top-left; on black?",
+               " ".join(["word"] * 40)]
+    n = reference.model_max_length
+    expected = reference(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+    ids, mask = offline(prompts)
+    assert torch.equal(ids, expected.input_ids) and torch.equal(mask, expected.attention_mask)
+    seen = {}
+    TextEncoder(offline, lambda i, attention_mask: seen.setdefault("ids", i) * 0.0)(prompts[:1], "cpu", torch.float32)
+    assert torch.equal(seen["ids"], expected.input_ids[:1])
+    with pytest.raises(ValueError, match="install transformers"):
+        offline(["hello!"])
