@@ -100,7 +100,26 @@ def test_whole_model_triton_equals_torch(stage):
     assert set(g) == set(eager_g) == set(exact_g), sorted(set(g) ^ set(eager_g))
     assert len(g) > 10, sorted(g)  # every parameter took part
     for name in g:
-        assert_close_to_reference(g[name], eager_g[name], exact_g[name], f"{stage} grad {name}")
+        _assert_model_grad(g[name], eager_g[name], exact_g[name], f"{stage} grad {name}")
+
+
+# At model level a gradient is the end of a chain of every op of the network: a kernel that sums in
+# another (equally valid) order moves it by a few ulps of its own magnitude, and eager's error on one
+# tensor can be luckily small (seen: 1.4e-6 on a Stage A gamma gradient of magnitude 13 with one
+# thread, 1.1e-5 on its neighbour). So the per-kernel rule (2x eager's error) gets an allowance of
+# MODEL_ULPS units in the last place of the tensor's largest value.
+MODEL_ULPS = 8
+
+
+def _assert_model_grad(ours, eager, exact, what):
+    from wuerstchen_fast.testing.tolerance import FACTOR, max_error
+
+    scale = exact.detach().abs().max().item() if exact.numel() else 0.0
+    ulp = torch.finfo(ours.dtype).eps * max(scale, 1.0)
+    err, theirs = max_error(ours, exact), max_error(eager, exact)
+    bound = FACTOR * theirs + MODEL_ULPS * ulp
+    assert err <= bound, (f"{what}: max error {err:.3e} vs float64 exceeds {bound:.3e} (= {FACTOR} x eager's "
+                          f"{theirs:.3e} + {MODEL_ULPS} ulp of max |value| {scale:.3g})")
 
 
 def _graph_ops(fn, *args):

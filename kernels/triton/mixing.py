@@ -143,7 +143,9 @@ def norm_mod_bwd(grad, x, scale, eps):
     part = torch.empty(grid[0] * grid[1], 2, device=x.device, dtype=torch.float32)
     _norm_mod_bwd_kernel[grid](grad, x, scale, dx, part, C, H * W, W, *grad.stride(), *x.stride(), *dx.stride(),
                                eps, BLOCK_C=bc, BLOCK_P=bp, RNE=rne_flag(dx), num_warps=nw)
-    return dx, part[:, 0].sum(), part[:, 1].sum()  # two tensors: custom op outputs must not alias
+    # The cross-program sums run over every element of the tensor: float64, then back to float32.
+    total = part.sum(0, dtype=torch.float64).float()
+    return dx, total[0], total[1].clone()  # two tensors: custom op outputs must not alias
 
 
 def _signature(kernel, dtype: str) -> dict:
@@ -318,11 +320,11 @@ def dwconv_bwd(grad, xn, weight, bias, gamma):
     part = torch.empty(grid[0] * B, C, 10, device=xn.device, dtype=torch.float32)
     _dw_bwd_kernel[grid](grad, xn, weight.contiguous(), gamma, dxn, part, C, H, W, *grad.stride(), *xn.stride(),
                          *dxn.stride(), BLOCK_C=bc, BLOCK_P=bp, RNE=rne_flag(dxn), num_warps=nw)
-    s = part.sum(0)  # (C, 10)
-    g = gamma.float()
+    s = part.sum(0, dtype=torch.float64)  # (C, 10); sums over every pixel of every tile, so float64
+    g = gamma.double()
     taps, sg = s[:, :9], s[:, 9]
-    dg = (weight.float().reshape(C, 9) * taps).sum() + (bias.float() * sg).sum()
-    return dxn, (taps * g).reshape(weight.shape), sg * g, dg
+    dg = (weight.double().reshape(C, 9) * taps).sum() + (bias.double() * sg).sum()
+    return dxn, (taps * g).reshape(weight.shape).float(), (sg * g).float(), dg.float()
 
 
 def _dw_signature(kernel, dtype):
