@@ -32,6 +32,25 @@ def _chunk(P, off, sc, c0, C, pmask, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _stats(X, xoff, sxc, C, pmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per-pixel (mean, M2) over the C channels: Chan's parallel combination of per-chunk (count, mean,
+    M2), accurate for any C and offset. Shared by every kernel that normalises over channels."""
+    n = 0.0
+    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        v, m, cnt = _chunk(X, xoff, sxc, c0, C, pmask, BLOCK_C)
+        cmean = tl.sum(v, axis=0) / cnt
+        d = tl.where(m, v - cmean[None, :], 0.0)
+        n_new = n + cnt
+        delta = cmean - mean
+        mean += delta * (cnt / n_new)
+        m2 += tl.sum(d * d, axis=0) + delta * delta * (n * cnt / n_new)
+        n = n_new
+    return mean, m2
+
+
+@triton.jit
 def _ln2d_fwd_kernel(
     X, Y, C, HW, W,
     sxb, sxc, sxh, sxw,
@@ -46,19 +65,7 @@ def _ln2d_fwd_kernel(
     w = (p % W).to(tl.int64)
     xoff = b * sxb + h * sxh + w * sxw
     yoff = b * syb + h * syh + w * syw
-    # Chan's parallel combination of per-chunk (count, mean, M2): accurate for any C and offset.
-    n = 0.0
-    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        v, m, cnt = _chunk(X, xoff, sxc, c0, C, pmask, BLOCK_C)
-        cmean = tl.sum(v, axis=0) / cnt
-        d = tl.where(m, v - cmean[None, :], 0.0)
-        n_new = n + cnt
-        delta = cmean - mean
-        mean += delta * (cnt / n_new)
-        m2 += tl.sum(d * d, axis=0) + delta * delta * (n * cnt / n_new)
-        n = n_new
+    mean, m2 = _stats(X, xoff, sxc, C, pmask, BLOCK_C, BLOCK_P)
     rstd = 1.0 / tl.sqrt(m2 / C + eps)
     for c0 in range(0, C, BLOCK_C):
         v, m, cnt = _chunk(X, xoff, sxc, c0, C, pmask, BLOCK_C)

@@ -20,27 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm_2d import _chunk, _tiles
+from .layer_norm_2d import _chunk, _stats, _tiles
 from .rounding import rne_flag, to_out
 
 __all__ = ["norm_mod_fwd", "norm_mod_bwd", "dwconv_fwd", "dwconv_bwd", "COMPILE_SPECS"]
-
-
-@triton.jit
-def _stats(X, xoff, sxc, C, pmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    n = 0.0
-    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        v, m, cnt = _chunk(X, xoff, sxc, c0, C, pmask, BLOCK_C)
-        cmean = tl.sum(v, axis=0) / cnt
-        d = tl.where(m, v - cmean[None, :], 0.0)
-        n_new = n + cnt
-        delta = cmean - mean
-        mean += delta * (cnt / n_new)
-        m2 += tl.sum(d * d, axis=0) + delta * delta * (n * cnt / n_new)
-        n = n_new
-    return mean, m2
 
 
 @triton.jit
