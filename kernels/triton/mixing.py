@@ -102,8 +102,10 @@ def _out_like(x):
     return empty_out_like(x)
 
 
-def norm_mod_fwd(x, scale, shift, eps):
-    y = _out_like(x)
+def norm_mod_fwd(x, scale, shift, eps, out=None):
+    """LN(x)·(1 + scale) + shift into `out` (any strides; e.g. the channels-last rows the MLP's GEMM reads,
+    kernels/triton/mixing_mlp.py), else into a new tensor in x's layout rule."""
+    y = _out_like(x) if out is None else out
     B, C, H, W = x.shape
     if x.numel() == 0:
         return y

@@ -1,0 +1,241 @@
+"""Stage A mixing block, second branch: LayerNorm + scalar modulation + MLP + gamma scale + residual.
+
+Math (MixingResidualBlock; s, t, g are 0-d tensors, the block's gammas[3], [4], [5]; M = B·H·W rows):
+    xn = LN_C(x)·(1 + s) + t                 (the norm_mod kernel of mixing.py, written as channels-last rows)
+    h  = xn·W1ᵀ            (M, N)            cuBLAS (torch.mm), no bias
+    a  = GELU(h + b1)                        _bias_gelu: exact erf GELU, bias added in float32
+    y  = a·W2ᵀ             (M, C)            cuBLAS
+    out = x + (y + b2)·g                     _residual: out in x's layout rule, x any strides
+Backward (dout in, any strides):
+    dz = dout·g (rows), Σ_p dout and Σ_p dout·(y + b2) per channel   _residual_bwd: per-tile partials,
+         db2 = g·Σ dout, dg = Σ dout·(y + b2)                        summed by the launcher in float64
+    da = dz·W2, dW2 = dzᵀ·a                  cuBLAS
+    dh = da·GELU'(h + b1), db1 = Σ_m dh      _gelu_bwd (in place over da; column partials, float64 sum)
+    dW1 = dhᵀ·xn, dxn = dh·W1                cuBLAS
+    dx = dout + norm_mod_bwd(dxn) (and ds, dt)   the norm_mod backward kernel of mixing.py
+Saved by the forward for the backward: xn, h (pre-bias), a and y; nothing is recomputed but h + b1.
+Without grad the GELU runs in place over h, and nothing is kept.
+Layout: the GEMM operands are row-major (M, ·) as eager's Linear sees them after its permute; x, out,
+dout any strides (4-d (B, C, H, W) indexing), tiles wide along whichever of x's axes is contiguous.
+Accumulation float32, but float64 for the sums over pixels behind db1, db2 and dg (a float32 sum's
+error grows with Σ|terms| and the pixel count: measured 3x eager's error on db2 at 60 pixels); inputs
+float32, bfloat16 or float16, every tensor one dtype. g, b1, b2 read from device memory: no host
+sync, CUDA-graph safe. Limits: M·N below 2**62 (offsets int64), C and N below 2**31.
+Equivalent code: `wuerstchen_fast.ops.reference.mixing.mlp_residual`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .grn import _gelu, _gelu_grad
+from .mixing import norm_mod_bwd, norm_mod_fwd
+from .rounding import rne_flag, to_out
+
+__all__ = ["mlp_fwd", "mlp_bwd", "COMPILE_SPECS"]
+
+
+@triton.jit
+def _bias_gelu_kernel(H, B1, A, total, N, BLOCK: tl.constexpr, RNE: tl.constexpr):
+    """A = GELU(H + b1[col]) over a row-major (M, N) tensor, flat; A may alias H."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < total
+    u = tl.load(H + i, mask=m, other=0.0).to(tl.float32) + tl.load(B1 + i % N, mask=m, other=0.0).to(tl.float32)
+    tl.store(A + i, to_out(_gelu(u), A.dtype.element_ty, RNE), mask=m)
+
+
+@triton.jit
+def _gelu_bwd_kernel(DA, H, B1, DH, PART, M, N, chunk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     RNE: tl.constexpr):
+    """DH = DA·GELU'(H + b1) over rows [pid0·chunk, +chunk) x BLOCK_N columns; PART[pid0, n] = Σ_m DH
+    (of the float32 values, before rounding; accumulated in float64). DH may alias DA (each element is
+    read before it is written)."""
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    b1 = tl.load(B1 + n, mask=nm, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+    lo = tl.program_id(0) * chunk
+    for m0 in range(lo, tl.minimum(lo + chunk, M), BLOCK_M):
+        r = m0 + tl.arange(0, BLOCK_M)
+        mk = (r < M)[:, None] & nm[None, :]
+        off = r.to(tl.int64)[:, None] * N + n[None, :]
+        da = tl.load(DA + off, mask=mk, other=0.0).to(tl.float32)
+        u = tl.load(H + off, mask=mk, other=0.0).to(tl.float32) + b1[None, :]
+        dh = da * _gelu_grad(u)
+        acc += tl.sum(dh.to(tl.float64), axis=0)
+        tl.store(DH + off, to_out(dh, DH.dtype.element_ty, RNE), mask=mk)
+    tl.store(PART + tl.program_id(0).to(tl.int64) * N + n, acc, mask=nm)
+
+
+@triton.jit
+def _residual_kernel(Y, B2, G, X, OUT, C, HW, W,
+                     sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RNE: tl.constexpr):
+    """OUT[b, c, h, w] = X + (Y[row, c] + b2[c])·g, row = b·HW + h·W + w (Y row-major (M, C))."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    cm = c < C
+    mk = (p < HW)[:, None] & cm[None, :]
+    h = (p // W).to(tl.int64)
+    w = (p % W).to(tl.int64)
+    cc = c.to(tl.int64)[None, :]
+    y = tl.load(Y + (b * HW + p.to(tl.int64))[:, None] * C + cc, mask=mk, other=0.0).to(tl.float32)
+    x = tl.load(X + b * sxb + (h * sxh + w * sxw)[:, None] + cc * sxc, mask=mk, other=0.0).to(tl.float32)
+    b2 = tl.load(B2 + c, mask=cm, other=0.0).to(tl.float32)
+    g = tl.load(G).to(tl.float32)
+    out = x + (y + b2[None, :]) * g
+    tl.store(OUT + b * sob + (h * soh + w * sow)[:, None] + cc * soc, to_out(out, OUT.dtype.element_ty, RNE), mask=mk)
+
+
+@triton.jit
+def _residual_bwd_kernel(GY, Y, B2, G, DZ, PART, C, HW, W,
+                         sgb, sgc, sgh, sgw,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RNE: tl.constexpr):
+    """DZ[row, c] = dout·g (row-major (M, C)); PART[tile, c] = (Σ_p dout, Σ_p dout·(Y + b2)) in float64."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    cm = c < C
+    mk = (p < HW)[:, None] & cm[None, :]
+    h = (p // W).to(tl.int64)
+    w = (p % W).to(tl.int64)
+    cc = c.to(tl.int64)[None, :]
+    rows = (b * HW + p.to(tl.int64))[:, None] * C + cc
+    gy = tl.load(GY + b * sgb + (h * sgh + w * sgw)[:, None] + cc * sgc, mask=mk, other=0.0).to(tl.float32)
+    y = tl.load(Y + rows, mask=mk, other=0.0).to(tl.float32)
+    b2 = tl.load(B2 + c, mask=cm, other=0.0).to(tl.float32)
+    g = tl.load(G).to(tl.float32)
+    tl.store(DZ + rows, to_out(gy * g, DZ.dtype.element_ty, RNE), mask=mk)
+    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(2) + b
+    base = PART + (tile * C + c) * 2
+    gy = gy.to(tl.float64)
+    tl.store(base, tl.sum(gy, axis=0), mask=cm)
+    tl.store(base + 1, tl.sum(gy * (y.to(tl.float64) + b2.to(tl.float64)[None, :]), axis=0), mask=cm)
+
+
+# ------------------------------------------------------------------------------ launchers
+
+_FLAT_BLOCK = 1024
+_GELU_BWD_M, _GELU_BWD_N = 16, 128
+
+
+def _res_tiles(x):
+    """(BLOCK_P, BLOCK_C): wide along channels for channels-last x, along pixels for NCHW."""
+    C, HW = x.shape[1], x.shape[2] * x.shape[3]
+    if x.stride(1) == 1 and C > 1:
+        return min(16, triton.next_power_of_2(HW)), min(64, triton.next_power_of_2(C))
+    return min(64, triton.next_power_of_2(HW)), min(32, triton.next_power_of_2(C))
+
+
+def bias_gelu(h, b1, a):
+    """a = GELU(h + b1) for row-major (M, N) h and a (a may be h)."""
+    total = h.numel()
+    if total:
+        _bias_gelu_kernel[(triton.cdiv(total, _FLAT_BLOCK),)](h, b1, a, total, h.shape[1], BLOCK=_FLAT_BLOCK,
+                                                              RNE=rne_flag(a), num_warps=4)
+    return a
+
+
+def gelu_bwd(da, h, b1):
+    """dh = da·GELU'(h + b1) in place over da; -> (dh, db1 = Σ_m dh as float32)."""
+    M, N = da.shape
+    bm, bn = _GELU_BWD_M, min(_GELU_BWD_N, triton.next_power_of_2(N))
+    n_tiles = triton.cdiv(N, bn)
+    # Split the rows so that ~1024 programs exist; few enough row chunks that the partials stay small.
+    chunks = max(1, min(triton.cdiv(M, bm), 1024 // n_tiles))
+    chunk = triton.cdiv(triton.cdiv(M, chunks), bm) * bm
+    grid = (triton.cdiv(M, chunk), n_tiles)
+    part = torch.empty(grid[0], N, device=da.device, dtype=torch.float64)
+    _gelu_bwd_kernel[grid](da, h, b1, da, part, M, N, chunk, BLOCK_M=bm, BLOCK_N=bn, RNE=rne_flag(da),
+                           num_warps=4)
+    return da, part.sum(0).float()
+
+
+def _out_like(x):
+    from wuerstchen_fast.ops.layout import empty_out_like
+
+    return empty_out_like(x)
+
+
+def mlp_fwd(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep):
+    """-> (out, xn, h, a, y); the last four are the backward's (M, ·) rows, or empty when not `keep`."""
+    B, C, H, W = x.shape
+    N, M = w1.shape[0], B * H * W
+    out = _out_like(x)
+    none = x.new_empty(0)
+    if M == 0:
+        return (out, x.new_empty(0, C), x.new_empty(0, N), x.new_empty(0, N), x.new_empty(0, C)) if keep else \
+            (out, none, none.clone(), none.clone(), none.clone())
+    xn4 = torch.empty(B, H, W, C, device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
+    norm_mod_fwd(x, scale, shift, eps, out=xn4)
+    xn = xn4.permute(0, 2, 3, 1).view(M, C)
+    h = torch.mm(xn, w1.t())
+    a = bias_gelu(h, b1, torch.empty_like(h) if keep else h)
+    y = torch.mm(a, w2.t())
+    bp, bc = _res_tiles(x)
+    grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B)
+    _residual_kernel[grid](y, b2, gamma, x, out, C, H * W, W, *x.stride(), *out.stride(),
+                           BLOCK_P=bp, BLOCK_C=bc, RNE=rne_flag(out), num_warps=4)
+    if keep:
+        return out, xn, h, a, y
+    return out, none, none.clone(), none.clone(), none.clone()
+
+
+def mlp_bwd(grad, x, w1, b1, w2, b2, scale, gamma, xn, h, a, y, eps):
+    """-> (dx, dw1, db1, dw2, db2, dscale, dshift, dgamma); weights' gradients in their dtype, the bias
+    and 0-d gradients float32 (cast by the caller)."""
+    B, C, H, W = x.shape
+    N, M = w1.shape[0], B * H * W
+    if M == 0:
+        z = torch.zeros((), device=x.device)
+        return (_out_like(x), torch.zeros_like(w1), torch.zeros(N, device=x.device), torch.zeros_like(w2),
+                torch.zeros(C, device=x.device), z, z.clone(), z.clone())
+    dz = torch.empty(M, C, device=x.device, dtype=x.dtype)
+    bp, bc = _res_tiles(grad)
+    grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B)
+    part = torch.empty(grid[0] * B, C, 2, device=x.device, dtype=torch.float64)
+    _residual_bwd_kernel[grid](grad, y, b2, gamma, dz, part, C, H * W, W, *grad.stride(),
+                               BLOCK_P=bp, BLOCK_C=bc, RNE=rne_flag(dz), num_warps=4)
+    s = part.sum(0)  # (C, 2) float64
+    db2 = (s[:, 0] * gamma.double()).float()
+    dg = s[:, 1].sum().float()
+    da = torch.mm(dz, w2)
+    dw2 = torch.mm(dz.t(), a)
+    dh, db1 = gelu_bwd(da, h, b1)
+    dw1 = torch.mm(dh.t(), xn)
+    dxn = torch.mm(dh, w1)
+    dx, ds, dt = norm_mod_bwd(dxn.view(B, H, W, C).permute(0, 3, 1, 2), x, scale, eps)
+    dx.add_(grad)
+    return dx, dw1, db1, dw2, db2, ds, dt, dg
+
+
+def _signature(kernel, dtype: str) -> dict:
+    sig = {}
+    for n in kernel.arg_names:
+        if n == "PART":
+            sig[n] = "*fp64"
+        elif n in ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_C", "RNE"):
+            sig[n] = "constexpr"
+        elif n.isupper() and n not in ("C", "HW", "W", "M", "N"):
+            sig[n] = f"*{dtype}"
+        elif n in ("total",) or n.startswith("s"):
+            sig[n] = "i64"
+        else:
+            sig[n] = "i32"
+    return sig
+
+
+# Released Stage A: bf16, c = 192 (hidden 768) at 256x256 and c = 384 (hidden 1536) at 128x128: the
+# launchers' tiles (flat GELU; GELU backward 16 x 128; residual NCHW 64 x 32 and channels-last 16 x 64).
+COMPILE_SPECS = [
+    dict(name="mixing_mlp._bias_gelu_kernel", kernel=_bias_gelu_kernel, signature=_signature(_bias_gelu_kernel, "bf16"),
+         constexprs=dict(BLOCK=_FLAT_BLOCK, RNE=False), num_warps=4),
+    dict(name="mixing_mlp._gelu_bwd_kernel", kernel=_gelu_bwd_kernel, signature=_signature(_gelu_bwd_kernel, "bf16"),
+         constexprs=dict(BLOCK_M=_GELU_BWD_M, BLOCK_N=_GELU_BWD_N, RNE=False), num_warps=4),
+] + [
+    dict(name=f"mixing_mlp.{k.fn.__name__}[{lay}]", kernel=k, signature=_signature(k, "bf16"),
+         constexprs=dict(BLOCK_P=bp, BLOCK_C=bc, RNE=False), num_warps=4)
+    for k in (_residual_kernel, _residual_bwd_kernel) for lay, bp, bc in (("nchw", 64, 32), ("channels_last", 16, 64))
+]
