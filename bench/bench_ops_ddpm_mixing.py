@@ -6,11 +6,14 @@ ddpm_step (model head + CFG lerp + DDPM update, one kernel on triton): the Stage
 noise read once, x_prev written once. The shapes are the released ones on a CPU too (they are small).
 
 Stage A mixing (MixingResidualBlock at 256²x192, the decoder's top level at 1024x1024, batch 1):
-`norm_mod` (LayerNorm + scalar modulation, bytes: one read, one write) and the whole block (two
+`norm_mod` (LayerNorm + scalar modulation, bytes: one read, one write), `mixing_mlp` (the block's second
+branch: norm_mod + MLP 192 -> 768 -> 192 + gamma + residual; FLOPs: the two GEMMs; bytes: x read once,
+out written once, the floor a fully fused kernel would reach) and the whole block (two
 norm_mods, the replication-padded depthwise conv, the MLP 192 -> 768 -> 192 and the gamma-scaled
 residuals; FLOPs: the two GEMMs + the conv) with every op on the eager reference, under
 torch.compile, and on the triton backend. On a CPU (`small`, float32) the mixing rows run at 64²x192
-so the CPU suite stays short; the block's compile row is skipped there unless WF_BENCH_CPU_COMPILE=1.
+so the CPU suite stays short; the block's and mixing_mlp's compile rows are skipped there unless
+WF_BENCH_CPU_COMPILE=1.
 Triton rows skip on a CPU (interpreter timings mean nothing).
 """
 import os
@@ -75,6 +78,26 @@ def test_norm_mod(benchmark, measure, op_provider, n_input_sets, provider):
         out = measure(benchmark, fn, sets, group=f"norm_mod fwd {'x'.join(map(str, shape))} {str(DTYPE)[6:]}",
                       provider=provider, baseline=provider == "eager", bytes=2 * numel * DTYPE.itemsize)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("provider", OP_PROVIDERS)
+def test_mixing_mlp(benchmark, measure, op_provider, n_input_sets, provider):
+    """The block's second branch alone: x + MLP(LN(x)·(1 + s) + t)·g at 256²x192, hidden 768."""
+    if provider == "compile" and DEVICE != "cuda" and not os.environ.get("WF_BENCH_CPU_COMPILE"):
+        pytest.skip("mixing_mlp's compile row runs on a GPU; set WF_BENCH_CPU_COMPILE=1 for it on a CPU")
+    from wuerstchen_fast.ops.mixing_mlp import _make_args
+
+    shape = (1, MIX_C, MIX_HW, MIX_HW)
+    numel = torch.Size(shape).numel()
+    sets = [_make_args(torch.Generator().manual_seed(i), *shape, DTYPE, False, DEVICE)
+            for i in range(n_input_sets(numel * DTYPE.itemsize))]
+    fn = op_provider("mixing_mlp", provider, *sets[0])
+    M, N = MIX_HW * MIX_HW, 4 * MIX_C
+    with torch.no_grad():
+        out = measure(benchmark, fn, sets, group=f"mixing_mlp fwd {'x'.join(map(str, shape))} {str(DTYPE)[6:]}",
+                      provider=provider, baseline=provider == "eager", flops=2 * (2 * M * MIX_C * N),
+                      bytes=2 * numel * DTYPE.itemsize)
+    assert out.shape == shape and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("provider", ["eager", "compile", "triton", "cuda", "cpu"])

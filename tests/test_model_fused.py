@@ -2,7 +2,8 @@
 
 Stage C and Stage B (`.tiny()` configs, every parameter random, the zero-initialized GRN gammas /
 betas, TimestepBlock mappers and Stage A `gammas` included) run forward and backward with every
-registered op on backend "triton" (the interpreter on CPU), and Stage A decodes. Checked: the output
+registered op on backend "triton" (the interpreter on CPU), and Stage A decodes (both mixing branches
+fused: norm_mod + mixing_dwconv, and mixing_mlp). Checked: the output
 and the gradient of the input and of every parameter.
 
 Tolerance: the kernel tests' rule (wuerstchen_fast/testing/tolerance.py) applied to the whole model.
@@ -176,4 +177,6 @@ def test_stage_a_decode_compiles_fullgraph_on_triton():
         ref = m.decode(lat)
     assert any("wuerstchen_fast.norm_mod" in t for t in seen), seen
     assert any("wuerstchen_fast.mixing_dwconv" in t for t in seen), seen
+    assert any("wuerstchen_fast.mixing_mlp" in t for t in seen), seen
+    assert not any("gelu" in t or "linear" in t for t in seen), seen  # the MLP runs inside the op
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -122,11 +122,13 @@ _GELU_BWD_M, _GELU_BWD_N = 16, 128
 
 
 def _res_tiles(x):
-    """(BLOCK_P, BLOCK_C): wide along channels for channels-last x, along pixels for NCHW."""
+    """(BLOCK_P, BLOCK_C, num_warps): wide along channels for channels-last x, along pixels for NCHW.
+    NCHW 64 x 32 with 8 warps: at 4 warps the forward needs 150 registers (16 elements of three
+    differently laid-out tiles per thread, with 64-bit addresses), at 8 warps 80."""
     C, HW = x.shape[1], x.shape[2] * x.shape[3]
     if x.stride(1) == 1 and C > 1:
-        return min(16, triton.next_power_of_2(HW)), min(64, triton.next_power_of_2(C))
-    return min(64, triton.next_power_of_2(HW)), min(32, triton.next_power_of_2(C))
+        return min(16, triton.next_power_of_2(HW)), min(64, triton.next_power_of_2(C)), 4
+    return min(64, triton.next_power_of_2(HW)), min(32, triton.next_power_of_2(C)), 8
 
 
 def bias_gelu(h, b1, a):
@@ -174,10 +176,10 @@ def mlp_fwd(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep):
     h = torch.mm(xn, w1.t())
     a = bias_gelu(h, b1, torch.empty_like(h) if keep else h)
     y = torch.mm(a, w2.t())
-    bp, bc = _res_tiles(x)
+    bp, bc, nw = _res_tiles(x)
     grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B)
     _residual_kernel[grid](y, b2, gamma, x, out, C, H * W, W, *x.stride(), *out.stride(),
-                           BLOCK_P=bp, BLOCK_C=bc, RNE=rne_flag(out), num_warps=4)
+                           BLOCK_P=bp, BLOCK_C=bc, RNE=rne_flag(out), num_warps=nw)
     if keep:
         return out, xn, h, a, y
     return out, none, none.clone(), none.clone(), none.clone()
@@ -193,11 +195,11 @@ def mlp_bwd(grad, x, w1, b1, w2, b2, scale, gamma, xn, h, a, y, eps):
         return (_out_like(x), torch.zeros_like(w1), torch.zeros(N, device=x.device), torch.zeros_like(w2),
                 torch.zeros(C, device=x.device), z, z.clone(), z.clone())
     dz = torch.empty(M, C, device=x.device, dtype=x.dtype)
-    bp, bc = _res_tiles(grad)
+    bp, bc, nw = _res_tiles(grad)
     grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B)
     part = torch.empty(grid[0] * B, C, 2, device=x.device, dtype=torch.float64)
     _residual_bwd_kernel[grid](grad, y, b2, gamma, dz, part, C, H * W, W, *grad.stride(),
-                               BLOCK_P=bp, BLOCK_C=bc, RNE=rne_flag(dz), num_warps=4)
+                               BLOCK_P=bp, BLOCK_C=bc, RNE=rne_flag(dz), num_warps=nw)
     s = part.sum(0)  # (C, 2) float64
     db2 = (s[:, 0] * gamma.double()).float()
     dg = s[:, 1].sum().float()
@@ -228,7 +230,7 @@ def _signature(kernel, dtype: str) -> dict:
 
 
 # Released Stage A: bf16, c = 192 (hidden 768) at 256x256 and c = 384 (hidden 1536) at 128x128: the
-# launchers' tiles (flat GELU; GELU backward 16 x 128; residual NCHW 64 x 32 and channels-last 16 x 64).
+# launchers' tiles (flat GELU; GELU backward 16 x 128; residual NCHW 64 x 32 at 8 warps, channels-last 16 x 64).
 COMPILE_SPECS = [
     dict(name="mixing_mlp._bias_gelu_kernel", kernel=_bias_gelu_kernel, signature=_signature(_bias_gelu_kernel, "bf16"),
          constexprs=dict(BLOCK=_FLAT_BLOCK, RNE=False), num_warps=4),
@@ -236,6 +238,7 @@ COMPILE_SPECS = [
          constexprs=dict(BLOCK_M=_GELU_BWD_M, BLOCK_N=_GELU_BWD_N, RNE=False), num_warps=4),
 ] + [
     dict(name=f"mixing_mlp.{k.fn.__name__}[{lay}]", kernel=k, signature=_signature(k, "bf16"),
-         constexprs=dict(BLOCK_P=bp, BLOCK_C=bc, RNE=False), num_warps=4)
-    for k in (_residual_kernel, _residual_bwd_kernel) for lay, bp, bc in (("nchw", 64, 32), ("channels_last", 16, 64))
+         constexprs=dict(BLOCK_P=bp, BLOCK_C=bc, RNE=False), num_warps=nw)
+    for k in (_residual_kernel, _residual_bwd_kernel)
+    for lay, bp, bc, nw in (("nchw", 64, 32, 8), ("channels_last", 16, 64, 4))
 ]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from wuerstchen_fast import ops
 from wuerstchen_fast.ops.mixing import mixing_dwconv
+from wuerstchen_fast.ops.mixing_mlp import mixing_mlp
 
 from .configs import StageAConfig
 
@@ -22,7 +23,11 @@ __all__ = ["StageA", "MixingResidualBlock", "VectorQuantizer"]
 
 
 class MixingResidualBlock(nn.Module):
-    """x += dw(LN1(x)(1+g0)+g1)*g2; x += mlp(LN2(x)(1+g3)+g4)*g5, `gammas` (6,), zero init."""
+    """x += dw(LN1(x)(1+g0)+g1)*g2; x += mlp(LN2(x)(1+g3)+g4)*g5, `gammas` (6,), zero init.
+
+    Runs as three registered ops: norm_mod + mixing_dwconv (first branch) and mixing_mlp (second branch);
+    parameter names are the released ones (`depthwise.1.*`, `channelwise.0.*`, `channelwise.2.*`, `gammas`).
+    """
 
     def __init__(self, c: int, c_hidden: int):
         super().__init__()
@@ -46,8 +51,10 @@ class MixingResidualBlock(nn.Module):
         # x + depthwise(xn)·g2 as one op (torch backend: exactly this expression with self.depthwise's pad + conv)
         conv = self.depthwise[1]
         x = mixing_dwconv(x, self._norm_mod(x, self.norm1, g[0], g[1]), conv.weight, conv.bias, g[2])
-        h = self._norm_mod(x, self.norm2, g[3], g[4])
-        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * g[5]
+        # x + channelwise(LN2(x)·(1 + g3) + g4)·g5 as one op (torch backend: exactly
+        # `x + self.channelwise(norm_mod(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * g[5]`)
+        l1, l2 = self.channelwise[0], self.channelwise[2]
+        return mixing_mlp(x, l1.weight, l1.bias, l2.weight, l2.bias, g[3], g[4], g[5], self.norm2.eps)
 
 
 class VectorQuantizer(nn.Module):

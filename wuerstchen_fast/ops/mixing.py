@@ -11,6 +11,7 @@ modulation and, in backward, the two scalar reductions. Double backward: referen
 
 mixing_dwconv(x, xn, weight, bias, gamma) (second half of this file): x + depthwise(xn)·gamma, the
 replication-padded 3x3 depthwise conv + bias + gamma scale + residual that follows norm_mod.
+The block's other branch, LN + modulation + MLP + gamma + residual, is one op of its own: mixing_mlp.py.
 """
 from __future__ import annotations
 
