@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE
 from wuerstchen_fast.ops import mixing_mlp, reference, registry
-from wuerstchen_fast.ops.mixing_mlp import _make_args
+from wuerstchen_fast.ops.mixing_mlp import VARIANTS, _make_args
 from wuerstchen_fast.testing.tolerance import assert_close_to_reference
 
 BACKENDS = [b for b in ("triton", "cpu", "cuda") if b in registry.get_op("mixing_mlp").impls
@@ -56,15 +56,15 @@ def _scalar_sizes(ts, grad):
     return {"dscale": (dxn * xhat).abs().sum(), "dshift": dxn.abs().sum(), "dgamma": (gd * z).abs().sum()}
 
 
-def _check(backend, shape, dtype, layout):
+def _check(backend, shape, dtype, layout, variant=None):
     ts = _inputs(shape, dtype, layout)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     ref = reference.mixing.mlp_residual
     exact = _run(ref, [t.double() for t in ts], grad.double())
     eager = _run(ref, ts, grad)
-    ours = _run(lambda *a: mixing_mlp(*a, backend=backend), ts, grad)
+    ours = _run(lambda *a: mixing_mlp(*a, backend=backend, variant=variant), ts, grad)
     size = _scalar_sizes(ts, grad)
-    what = f"{backend} {shape} {dtype} {layout}"
+    what = f"{backend} {variant} {shape} {dtype} {layout}"
     for name, o, e, ex in zip(NAMES, ours, eager, exact):
         assert o.shape == ex.shape and o.dtype == e.dtype, (what, name, o.shape, o.dtype)
         if name in size:
@@ -78,26 +78,40 @@ def _check(backend, shape, dtype, layout):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_matches_reference(backend, shape, dtype, layout):
-    _check(backend, shape, dtype, layout)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_reference(backend, shape, dtype, layout, variant):
+    _check(backend, shape, dtype, layout, variant)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_dense_strided_input(backend):
-    _check(backend, (2, 9, 5, 6), torch.float32, "strided")
-    _check(backend, (1, 12, 3, 4), torch.bfloat16, "strided")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_non_dense_strided_input(backend, variant):
+    _check(backend, (2, 9, 5, 6), torch.float32, "strided", variant)
+    _check(backend, (1, 12, 3, 4), torch.bfloat16, "strided", variant)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_grad_runs_in_place_and_matches(backend):
-    """Without grad nothing is kept (the GELU runs over GEMM1's output); same values as with grad."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_grad_keeps_nothing_and_matches(backend, variant):
+    """Without grad nothing is kept (cublas: the GELU runs over GEMM1's output); same values as with grad."""
     ts = _inputs((1, 20, 3, 5), torch.float32, "contiguous")
     with torch.no_grad():
-        out = mixing_mlp(*ts, backend=backend)
-        _, *saved = torch.ops.wuerstchen_fast.mixing_mlp(*ts, 1e-6, False)
+        out = mixing_mlp(*ts, backend=backend, variant=variant)
+        _, *saved = torch.ops.wuerstchen_fast.mixing_mlp(*ts, 1e-6, False, variant)
     assert all(t.numel() == 0 for t in saved)
     ts = [t.requires_grad_(True) for t in ts]
-    torch.testing.assert_close(out, mixing_mlp(*ts, backend=backend).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out, mixing_mlp(*ts, backend=backend, variant=variant).detach(), rtol=0, atol=0)
+
+
+def test_variant_choice_and_table():
+    from wuerstchen_fast.ops.mixing_mlp import choose_variant, record_variant
+
+    x, w1 = _inputs((1, 8, 2, 2), torch.float32, "contiguous")[:2]
+    assert choose_variant(x, w1) == "cublas"
+    with pytest.raises(ValueError, match="variant"):
+        record_variant("gpu", torch.bfloat16, 4, 8, 32, "bogus")
+    with pytest.raises(ValueError, match="variant"):
+        mixing_mlp(*_inputs((1, 8, 2, 2), torch.float32, "contiguous"), backend="torch", variant="bogus")
 
 
 def test_fp64_gradcheck_reference_path():

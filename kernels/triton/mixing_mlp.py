@@ -13,6 +13,11 @@ Backward (dout in, any strides):
     dh = da·GELU'(h + b1), db1 = Σ_m dh      _gelu_bwd (in place over da; column partials, float64 sum)
     dW1 = dhᵀ·xn, dxn = dh·W1                cuBLAS
     dx = dout + norm_mod_bwd(dxn) (and ds, dt)   the norm_mod backward kernel of mixing.py
+Variant "triton_gemm" (forward only; the backward is shared): the two GEMMs are Triton kernels with
+the elementwise passes in their epilogues, _gemm1 (+ b1, GELU, stores a and, for the backward, h) and
+_gemm2 (+ b2, ·g, + x into out, and y for the backward): h and y never make a round trip through memory
+(at 256²x192 bf16 that is ~200 MB of the cuBLAS variant's ~500 MB of traffic). Its GEMMs keep h and y
+in float32 up to the epilogue, so its a and out round once where the cuBLAS variant rounds twice.
 Saved by the forward for the backward: xn, h (pre-bias), a and y; nothing is recomputed but h + b1.
 Without grad the GELU runs in place over h, and nothing is kept.
 Layout: the GEMM operands are row-major (M, ·) as eager's Linear sees them after its permute; x, out,
@@ -31,6 +36,7 @@ import triton.language as tl
 
 from .grn import _gelu, _gelu_grad
 from .mixing import norm_mod_bwd, norm_mod_fwd
+from .resblock import GEMM_STAGES, GEMM_WARPS, _mma, _upcast, gemm_tiles
 from .rounding import rne_flag, to_out
 
 __all__ = ["mlp_fwd", "mlp_bwd", "COMPILE_SPECS"]
@@ -115,6 +121,63 @@ def _residual_bwd_kernel(GY, Y, B2, G, DZ, PART, C, HW, W,
     tl.store(base + 1, tl.sum(gy * (y.to(tl.float64) + b2.to(tl.float64)[None, :]), axis=0), mask=cm)
 
 
+@triton.jit
+def _gemm1_kernel(XN, W1, B1, HOUT, A, M, C, N,
+                  KEEP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A = GELU(XN·W1ᵀ + b1) (and HOUT = XN·W1ᵀ when KEEP); XN (M, C), W1 (N, C), A, HOUT (M, N) row-major."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = r < M
+    nm = n < N
+    r64 = r.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < C
+        a = tl.load(XN + r64[:, None] * C + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        w = tl.load(W1 + n[None, :].to(tl.int64) * C + k[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+        acc = _mma(a, w, acc, IEEE, UPCAST)
+    m = rm[:, None] & nm[None, :]
+    off = r64[:, None] * N + n[None, :]
+    if KEEP:
+        tl.store(HOUT + off, to_out(acc, HOUT.dtype.element_ty, RNE), mask=m)
+    u = acc + tl.load(B1 + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+    tl.store(A + off, to_out(_gelu(u), A.dtype.element_ty, RNE), mask=m)
+
+
+@triton.jit
+def _gemm2_kernel(AIN, W2, B2, G, X, OUT, YOUT, HW, W, C, N, tiles_m,
+                  sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                  KEEP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT = X + (AIN·W2ᵀ + b2)·g (and YOUT = AIN·W2ᵀ when KEEP); AIN (M, N), W2 (C, N), YOUT (M, C)
+    row-major; X, OUT any strides. Row tiles never straddle a batch (grid over batch x tiles of H·W)."""
+    b = (tl.program_id(0) // tiles_m).to(tl.int64)
+    p = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pm = p < HW
+    cm = c < C
+    row = b * HW + p.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < N
+        a = tl.load(AIN + row[:, None] * N + k[None, :], mask=pm[:, None] & km[None, :], other=0.0)
+        w = tl.load(W2 + c[None, :].to(tl.int64) * N + k[:, None], mask=km[:, None] & cm[None, :], other=0.0)
+        acc = _mma(a, w, acc, IEEE, UPCAST)
+    m = pm[:, None] & cm[None, :]
+    cc = c.to(tl.int64)[None, :]
+    if KEEP:
+        tl.store(YOUT + row[:, None] * C + cc, to_out(acc, YOUT.dtype.element_ty, RNE), mask=m)
+    h = (p // W).to(tl.int64)
+    w_ = (p % W).to(tl.int64)
+    x = tl.load(X + b * sxb + (h * sxh + w_ * sxw)[:, None] + cc * sxc, mask=m, other=0.0).to(tl.float32)
+    z = acc + tl.load(B2 + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    out = x + z * tl.load(G).to(tl.float32)
+    tl.store(OUT + b * sob + (h * soh + w_ * sow)[:, None] + cc * soc, to_out(out, OUT.dtype.element_ty, RNE), mask=m)
+
+
 # ------------------------------------------------------------------------------ launchers
 
 _FLAT_BLOCK = 1024
@@ -161,18 +224,51 @@ def _out_like(x):
     return empty_out_like(x)
 
 
-def mlp_fwd(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep):
-    """-> (out, xn, h, a, y); the last four are the backward's (M, ·) rows, or empty when not `keep`."""
+def _gemm1(xn, w1, b1, h, a, keep):
+    M, C = xn.shape
+    N = w1.shape[0]
+    t = gemm_tiles(M, N, C, xn.dtype, 1)
+    grid = (triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(N, t["BLOCK_N"]))
+    _gemm1_kernel[grid](xn, w1, b1, h, a, M, C, N, KEEP=keep, IEEE=xn.dtype == torch.float32, UPCAST=_upcast(xn),
+                        RNE=rne_flag(a), num_warps=GEMM_WARPS, num_stages=GEMM_STAGES, **t)
+
+
+def _gemm2(a, w2, b2, gamma, x, out, y, keep):
+    B, C, H, W = x.shape
+    N = a.shape[1]
+    t = gemm_tiles(H * W, C, N, a.dtype, 2)
+    tiles_m = triton.cdiv(H * W, t["BLOCK_M"])
+    _gemm2_kernel[(B * tiles_m, triton.cdiv(C, t["BLOCK_N"]))](
+        a, w2, b2, gamma, x, out, y, H * W, W, C, N, tiles_m, *x.stride(), *out.stride(),
+        KEEP=keep, IEEE=a.dtype == torch.float32, UPCAST=_upcast(a), RNE=rne_flag(out),
+        num_warps=GEMM_WARPS, num_stages=GEMM_STAGES, **t)
+
+
+def mlp_fwd(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep, variant="cublas"):
+    """-> (out, xn, h, a, y); the last four are the backward's (M, ·) rows, or empty when not `keep`.
+    `variant`: "cublas" (torch.mm + Triton elementwise passes) or "triton_gemm" (Triton GEMMs with the
+    passes in their epilogues)."""
     B, C, H, W = x.shape
     N, M = w1.shape[0], B * H * W
     out = _out_like(x)
     none = x.new_empty(0)
+    b1, b2 = b1.contiguous(), b2.contiguous()  # the kernels index the biases densely
     if M == 0:
         return (out, x.new_empty(0, C), x.new_empty(0, N), x.new_empty(0, N), x.new_empty(0, C)) if keep else \
             (out, none, none.clone(), none.clone(), none.clone())
     xn4 = torch.empty(B, H, W, C, device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
     norm_mod_fwd(x, scale, shift, eps, out=xn4)
     xn = xn4.permute(0, 2, 3, 1).view(M, C)
+    if variant == "triton_gemm":
+        w1, w2 = w1.contiguous(), w2.contiguous()
+        h = torch.empty(M, N, device=x.device, dtype=x.dtype) if keep else none
+        a = torch.empty(M, N, device=x.device, dtype=x.dtype)
+        _gemm1(xn, w1, b1, h if keep else a, a, keep)
+        y = torch.empty(M, C, device=x.device, dtype=x.dtype) if keep else none
+        _gemm2(a, w2, b2, gamma, x, out, y if keep else out, keep)
+        if keep:
+            return out, xn, h, a, y
+        return out, none, none.clone(), none.clone(), none.clone()
     h = torch.mm(xn, w1.t())
     a = bias_gelu(h, b1, torch.empty_like(h) if keep else h)
     y = torch.mm(a, w2.t())
@@ -194,6 +290,7 @@ def mlp_bwd(grad, x, w1, b1, w2, b2, scale, gamma, xn, h, a, y, eps):
         z = torch.zeros((), device=x.device)
         return (_out_like(x), torch.zeros_like(w1), torch.zeros(N, device=x.device), torch.zeros_like(w2),
                 torch.zeros(C, device=x.device), z, z.clone(), z.clone())
+    b1, b2 = b1.contiguous(), b2.contiguous()
     dz = torch.empty(M, C, device=x.device, dtype=x.dtype)
     bp, bc, nw = _res_tiles(grad)
     grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B)
@@ -218,7 +315,7 @@ def _signature(kernel, dtype: str) -> dict:
     for n in kernel.arg_names:
         if n == "PART":
             sig[n] = "*fp64"
-        elif n in ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_C", "RNE"):
+        elif n in ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C", "RNE", "KEEP", "IEEE", "UPCAST"):
             sig[n] = "constexpr"
         elif n.isupper() and n not in ("C", "HW", "W", "M", "N"):
             sig[n] = f"*{dtype}"
@@ -241,4 +338,13 @@ COMPILE_SPECS = [
          constexprs=dict(BLOCK_P=bp, BLOCK_C=bc, RNE=False), num_warps=nw)
     for k in (_residual_kernel, _residual_bwd_kernel)
     for lay, bp, bc, nw in (("nchw", 64, 32, 8), ("channels_last", 16, 64, 4))
+]
+
+# Triton GEMMs at the released Stage A widths, bf16, with and without the saved activations.
+_T1, _T2 = gemm_tiles(65536, 768, 192, torch.bfloat16, 1), gemm_tiles(65536, 192, 768, torch.bfloat16, 2)
+COMPILE_SPECS += [
+    dict(name=f"mixing_mlp.{k.fn.__name__}[keep{int(keep)}]", kernel=k, signature=_signature(k, "bf16"),
+         constexprs=dict(KEEP=keep, IEEE=False, UPCAST=False, RNE=False, **t), num_warps=GEMM_WARPS,
+         num_stages=GEMM_STAGES)
+    for k, t in ((_gemm1_kernel, _T1), (_gemm2_kernel, _T2)) for keep in (False, True)
 ]

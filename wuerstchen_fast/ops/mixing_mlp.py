@@ -1,10 +1,10 @@
 """mixing_mlp: Stage A MixingResidualBlock's second branch, x + MLP(LN(x)·(1 + s) + t)·g, fwd and bwd.
 
-    front op   torch.ops.wuerstchen_fast.mixing_mlp(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep)
-                   -> (out, xn, h, a, y)                                                  fake + autograd
+    front op   torch.ops.wuerstchen_fast.mixing_mlp(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep,
+                   variant) -> (out, xn, h, a, y)                                         fake + autograd
     backward   torch.ops.wuerstchen_fast.mixing_mlp_backward(grad, x, w1, b1, w2, b2, scale, gamma, xn, h,
                    a, y, eps) -> (dx, dw1, db1, dw2, db2, dscale, dshift, dgamma)
-    function   mixing_mlp(x, w1, b1, w2, b2, scale, shift, gamma, eps=1e-6, *, backend=None)
+    function   mixing_mlp(x, w1, b1, w2, b2, scale, shift, gamma, eps=1e-6, *, backend=None, variant=None)
 
 MLP = [Linear(c, n), GELU, Linear(n, c)] applied channels-last; scale, shift, gamma are the 0-d slices
 gammas[3], [4], [5] of the block, read by the kernels from device memory. Every input gets a gradient
@@ -17,6 +17,12 @@ after GEMM1 and bias + gamma + residual in one after GEMM2; backward mirrors it.
 (GEMM1 before its bias), a (the GELU) and y (GEMM2 before its bias) are what the backward reads; the
 public function asks for them (`keep`) only when a gradient will be needed, else the GELU runs in place
 and they come back empty. Double backward: reference path only.
+
+The triton backend has two forward variants (the backward is shared): "cublas" (above) and "triton_gemm"
+(Triton GEMMs with the bias + GELU and the bias + gamma + residual passes in their epilogues, so GEMM1's
+and GEMM2's raw outputs never round-trip through memory). `choose_variant` picks: a measured table
+(`VARIANT_TABLE`, filled from a GPU run of bench/bench_ops_ddpm_mixing.py via `record_variant`) first,
+else "cublas" (no GPU measurement exists yet to justify another default).
 """
 from __future__ import annotations
 
@@ -26,7 +32,28 @@ from . import backends as bk
 from . import reference, registry
 from .layout import empty_out_like
 
-__all__ = ["mixing_mlp"]
+__all__ = ["mixing_mlp", "choose_variant", "record_variant", "VARIANTS", "VARIANT_TABLE"]
+
+VARIANTS = ("cublas", "triton_gemm")
+# (device name, dtype, B*H*W, C, N) -> variant, from measurements (bench/bench_ops_ddpm_mixing.py).
+VARIANT_TABLE: dict = {}
+
+
+def record_variant(device_name: str, dtype: torch.dtype, M: int, C: int, N: int, variant: str) -> None:
+    """Store the faster variant measured at this shape (the hook for measurement-based selection)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    VARIANT_TABLE[(device_name, dtype, M, C, N)] = variant
+
+
+def choose_variant(x: torch.Tensor, w1: torch.Tensor) -> str:
+    """The measured choice if recorded for this device and shape, else "cublas"."""
+    if VARIANT_TABLE and x.device.type == "cuda":
+        B, C, H, W = x.shape
+        hit = VARIANT_TABLE.get((torch.cuda.get_device_name(x.device), x.dtype, B * H * W, C, w1.shape[0]))
+        if hit is not None:
+            return hit
+    return "cublas"
 
 
 def _k():
@@ -37,13 +64,13 @@ def _k():
 
 @torch.library.custom_op("wuerstchen_fast::mixing_mlp", mutates_args=())
 def mixing_mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                  scale: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor, eps: float,
-                  keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _k().mlp_fwd(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep)
+                  scale: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor, eps: float, keep: bool,
+                  variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _k().mlp_fwd(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep, variant)
 
 
 @mixing_mlp_op.register_fake
-def _(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep):
+def _(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep, variant):
     B, C, H, W = x.shape
     M, N = B * H * W, w1.shape[0]
     if keep:
@@ -68,7 +95,7 @@ def _(grad, x, w1, b1, w2, b2, scale, gamma, xn, h, a, y, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, scale, shift, gamma, eps, keep = inputs
+    x, w1, b1, w2, b2, scale, shift, gamma, eps, keep, variant = inputs
     out, xn, h, a, y = output
     ctx.save_for_backward(x, w1, b1, w2, b2, scale, gamma, xn, h, a, y)
     ctx.mark_non_differentiable(xn, h, a, y)
@@ -82,7 +109,8 @@ def _backward(ctx, grad, *_unused):
     x, w1, b1, w2, b2, scale, gamma, xn, h, a, y = ctx.saved_tensors
     dx, dw1, db1, dw2, db2, ds, dt, dg = mixing_mlp_backward_op(grad, x, w1, b1, w2, b2, scale, gamma, xn, h, a, y,
                                                                 ctx.eps)
-    return dx, dw1, db1, dw2, db2, ds.reshape(scale.shape), dt.reshape(scale.shape), dg.reshape(gamma.shape), None, None
+    return (dx, dw1, db1, dw2, db2, ds.reshape(scale.shape), dt.reshape(scale.shape), dg.reshape(gamma.shape),
+            None, None, None)
 
 
 mixing_mlp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -135,11 +163,11 @@ def _samples(device="cpu"):
 def _opcheck_cases(args, kwargs, backend):
     x, w1, b1, w2, b2, s, t, gm = args
     det = [v.detach() for v in args]
-    res = mixing_mlp_op(*det, 1e-6, True)
+    res = mixing_mlp_op(*det, 1e-6, True, "cublas")
     grad = torch.randn_like(res[0])
-    return [(mixing_mlp_op, (*args, 1e-6, True), {}), (mixing_mlp_op, (*det, 1e-6, False), {}),
-            (mixing_mlp_backward_op, (grad, det[0], det[1], det[2], det[3], det[4], det[5], det[7], *res[1:], 1e-6),
-             {})]
+    fwd = [(mixing_mlp_op, (*(args if keep else det), 1e-6, keep, v), {}) for v in VARIANTS for keep in (True, False)]
+    bwd_args = (grad, det[0], det[1], det[2], det[3], det[4], det[5], det[7], *res[1:], 1e-6)
+    return fwd + [(mixing_mlp_backward_op, bwd_args, {})]
 
 
 SPEC = registry.OpSpec(
@@ -158,14 +186,18 @@ registry.register_op(SPEC)
 
 def mixing_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                scale: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-6, *,
-               backend: str | None = None) -> torch.Tensor:
+               backend: str | None = None, variant: str | None = None) -> torch.Tensor:
     """x + (GELU(xn·W1ᵀ + b1)·W2ᵀ + b2)·gamma with xn = LN over channels of (B, C, H, W) x, ·(1 + scale) + shift.
 
-    w1 (N, C), b1 (N,), w2 (C, N), b2 (C,); scale, shift, gamma 0-d.
+    w1 (N, C), b1 (N,), w2 (C, N), b2 (C,); scale, shift, gamma 0-d. `variant` ("cublas" / "triton_gemm")
+    overrides the triton backend's GEMM choice (`choose_variant`).
     Equivalent code: `wuerstchen_fast.ops.reference.mixing.mlp_residual`.
     """
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     name = registry.resolve(SPEC, x, w1, b1, w2, b2, scale, shift, gamma, eps, backend=backend)
     if name == "torch":
         return reference.mixing.mlp_residual(x, w1, b1, w2, b2, scale, shift, gamma, eps)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2, scale, shift, gamma))
-    return mixing_mlp_op(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep)[0]
+    variant = variant or choose_variant(x, w1)
+    return mixing_mlp_op(x, w1, b1, w2, b2, scale, shift, gamma, eps, keep, variant)[0]
