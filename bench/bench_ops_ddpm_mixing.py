@@ -7,8 +7,9 @@ noise read once, x_prev written once. The shapes are the released ones on a CPU 
 
 Stage A mixing (MixingResidualBlock at 256²x192, the decoder's top level at 1024x1024, batch 1):
 `norm_mod` (LayerNorm + scalar modulation, bytes: one read, one write), `mixing_mlp` (the block's second
-branch: norm_mod + MLP 192 -> 768 -> 192 + gamma + residual; FLOPs: the two GEMMs; bytes: x read once,
-out written once, the floor a fully fused kernel would reach) and the whole block (two
+branch: norm_mod + MLP 192 -> 768 -> 192 + gamma + residual, both triton variants "cublas" and
+"triton_gemm"; FLOPs: the two GEMMs; bytes: x read once, out written once, the floor a fully fused
+kernel would reach) and the whole block (two
 norm_mods, the replication-padded depthwise conv, the MLP 192 -> 768 -> 192 and the gamma-scaled
 residuals; FLOPs: the two GEMMs + the conv) with every op on the eager reference, under
 torch.compile, and on the triton backend. On a CPU (`small`, float32) the mixing rows run at 64²x192
@@ -80,9 +81,13 @@ def test_norm_mod(benchmark, measure, op_provider, n_input_sets, provider):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("provider", OP_PROVIDERS)
+MLP_PROVIDERS = [p for p in OP_PROVIDERS if p != "triton"] + ["triton-cublas", "triton-triton_gemm"]
+
+
+@pytest.mark.parametrize("provider", MLP_PROVIDERS)
 def test_mixing_mlp(benchmark, measure, op_provider, n_input_sets, provider):
-    """The block's second branch alone: x + MLP(LN(x)·(1 + s) + t)·g at 256²x192, hidden 768."""
+    """The block's second branch alone: x + MLP(LN(x)·(1 + s) + t)·g at 256²x192, hidden 768. Both
+    triton variants are timed so that `ops.mixing_mlp.record_variant` can be filled from a GPU run."""
     if provider == "compile" and DEVICE != "cuda" and not os.environ.get("WF_BENCH_CPU_COMPILE"):
         pytest.skip("mixing_mlp's compile row runs on a GPU; set WF_BENCH_CPU_COMPILE=1 for it on a CPU")
     from wuerstchen_fast.ops.mixing_mlp import _make_args
@@ -91,7 +96,9 @@ def test_mixing_mlp(benchmark, measure, op_provider, n_input_sets, provider):
     numel = torch.Size(shape).numel()
     sets = [_make_args(torch.Generator().manual_seed(i), *shape, DTYPE, False, DEVICE)
             for i in range(n_input_sets(numel * DTYPE.itemsize))]
-    fn = op_provider("mixing_mlp", provider, *sets[0])
+    backend, _, variant = provider.partition("-")
+    call = op_provider("mixing_mlp", backend, *sets[0])
+    fn = (lambda *a: call(*a, variant=variant)) if variant else call
     M, N = MIX_HW * MIX_HW, 4 * MIX_C
     with torch.no_grad():
         out = measure(benchmark, fn, sets, group=f"mixing_mlp fwd {'x'.join(map(str, shape))} {str(DTYPE)[6:]}",
