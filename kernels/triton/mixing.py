@@ -54,12 +54,13 @@ def _norm_mod_fwd_kernel(
 
 @triton.jit
 def _norm_mod_bwd_kernel(
-    DY, X, S, DX, PART, C, HW, W,
+    DY, X, S, R, DX, PART, C, HW, W,
     sgb, sgc, sgh, sgw,
     sxb, sxc, sxh, sxw,
+    srb, src, srh, srw,
     sob, soc, soh, sow,
     eps,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, RNE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, RNE: tl.constexpr, HAS_R: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -69,6 +70,7 @@ def _norm_mod_bwd_kernel(
     goff = b * sgb + h * sgh + w * sgw
     xoff = b * sxb + h * sxh + w * sxw
     ooff = b * sob + h * soh + w * sow
+    roff = b * srb + h * srh + w * srw
     mean, m2 = _stats(X, xoff, sxc, C, pmask, BLOCK_C, BLOCK_P)
     rstd = 1.0 / tl.sqrt(m2 / C + eps)
     # pass 2: Σdy and Σdy·xhat per pixel (xhat from the final statistics: no running correction)
@@ -90,6 +92,9 @@ def _norm_mod_bwd_kernel(
         xhat = (v - mean[None, :]) * rstd[None, :]
         dx = (rstd * scale)[None, :] * (g - mg[None, :] - xhat * mgx[None, :])
         c = c0 + tl.arange(0, BLOCK_C)
+        if HAS_R:  # a residual gradient added to dx (mixing_mlp's x + ...): rounded once, as x's own add
+            dx = dx.to(DX.dtype.element_ty).to(tl.float32)
+            dx += tl.load(R + roff[None, :] + c[:, None].to(tl.int64) * src, mask=m, other=0.0).to(tl.float32)
         tl.store(DX + ooff[None, :] + c[:, None].to(tl.int64) * soc, to_out(dx, DX.dtype.element_ty, RNE), mask=m)
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     tl.store(PART + pid * 2, tl.sum(tl.where(pmask, gx, 0.0), axis=0))
@@ -116,8 +121,9 @@ def norm_mod_fwd(x, scale, shift, eps, out=None):
     return y
 
 
-def norm_mod_bwd(grad, x, scale, eps):
-    """-> (dx, dscale, dshift); dscale/dshift are 0-d float32 sums (cast by the caller)."""
+def norm_mod_bwd(grad, x, scale, eps, residual=None):
+    """-> (dx, dscale, dshift); dscale/dshift are 0-d float32 sums (cast by the caller). With `residual`
+    (any strides), dx = residual + the norm's input gradient, in one pass."""
     dx = _out_like(x)
     B, C, H, W = x.shape
     if x.numel() == 0:
@@ -126,8 +132,10 @@ def norm_mod_bwd(grad, x, scale, eps):
     bc, bp, nw = _tiles(x)
     grid = (triton.cdiv(H * W, bp), B)
     part = torch.empty(grid[0] * grid[1], 2, device=x.device, dtype=torch.float32)
-    _norm_mod_bwd_kernel[grid](grad, x, scale, dx, part, C, H * W, W, *grad.stride(), *x.stride(), *dx.stride(),
-                               eps, BLOCK_C=bc, BLOCK_P=bp, RNE=rne_flag(dx), num_warps=nw)
+    r = residual if residual is not None else grad
+    _norm_mod_bwd_kernel[grid](grad, x, scale, r, dx, part, C, H * W, W, *grad.stride(), *x.stride(), *r.stride(),
+                               *dx.stride(), eps, BLOCK_C=bc, BLOCK_P=bp, RNE=rne_flag(dx),
+                               HAS_R=residual is not None, num_warps=nw)
     # The cross-program sums run over every element of the tensor: float64, then back to float32.
     total = part.sum(0, dtype=torch.float64).float()
     return dx, total[0], total[1].clone()  # two tensors: custom op outputs must not alias
@@ -136,7 +144,7 @@ def norm_mod_bwd(grad, x, scale, eps):
 def _signature(kernel, dtype: str) -> dict:
     sig = {}
     for n in kernel.arg_names:
-        if n in ("X", "Y", "DY", "DX"):
+        if n in ("X", "Y", "DY", "DX", "R"):
             sig[n] = f"*{dtype}"
         elif n in ("S", "T"):
             sig[n] = f"*{dtype}"
@@ -154,9 +162,14 @@ def _signature(kernel, dtype: str) -> dict:
 # Released Stage A: c = 192 at 256x256 and c = 384 at 128x128 (the 12 bottleneck blocks), NCHW, bf16:
 # the launcher's NCHW tiles (BLOCK_C=16, BLOCK_P=128).
 COMPILE_SPECS = [
-    dict(name=f"mixing.{k.fn.__name__}[nchw]", kernel=k, signature=_signature(k, "bf16"),
-         constexprs=dict(BLOCK_C=16, BLOCK_P=128, RNE=False), num_warps=4)
-    for k in (_norm_mod_fwd_kernel, _norm_mod_bwd_kernel)
+    dict(name="mixing._norm_mod_fwd_kernel[nchw]", kernel=_norm_mod_fwd_kernel,
+         signature=_signature(_norm_mod_fwd_kernel, "bf16"), constexprs=dict(BLOCK_C=16, BLOCK_P=128, RNE=False),
+         num_warps=4),
+] + [
+    dict(name="mixing._norm_mod_bwd_kernel[nchw]" + ("[residual]" if r else ""), kernel=_norm_mod_bwd_kernel,
+         signature=_signature(_norm_mod_bwd_kernel, "bf16"),
+         constexprs=dict(BLOCK_C=16, BLOCK_P=128, RNE=False, HAS_R=r), num_warps=4)
+    for r in (False, True)
 ]
 
 

@@ -12,7 +12,7 @@ Backward (dout in, any strides):
     da = dz·W2, dW2 = dzᵀ·a                  cuBLAS
     dh = da·GELU'(h + b1), db1 = Σ_m dh      _gelu_bwd (in place over da; column partials, float64 sum)
     dW1 = dhᵀ·xn, dxn = dh·W1                cuBLAS
-    dx = dout + norm_mod_bwd(dxn) (and ds, dt)   the norm_mod backward kernel of mixing.py
+    dx = dout + norm_mod_bwd(dxn) (and ds, dt)   the norm_mod backward kernel of mixing.py, residual fused
 Variant "triton_gemm" (forward only; the backward is shared): the two GEMMs are Triton kernels with
 the elementwise passes in their epilogues, _gemm1 (+ b1, GELU, stores a and, for the backward, h) and
 _gemm2 (+ b2, ·g, + x into out, and y for the backward): h and y are never read back (without grad, never
@@ -306,8 +306,7 @@ def mlp_bwd(grad, x, w1, b1, w2, b2, scale, gamma, xn, h, a, y, eps):
     dh, db1 = gelu_bwd(da, h, b1)
     dw1 = torch.mm(dh.t(), xn)
     dxn = torch.mm(dh, w1)
-    dx, ds, dt = norm_mod_bwd(dxn.view(B, H, W, C).permute(0, 3, 1, 2), x, scale, eps)
-    dx.add_(grad)
+    dx, ds, dt = norm_mod_bwd(dxn.view(B, H, W, C).permute(0, 3, 1, 2), x, scale, eps, residual=grad)
     return dx, dw1, db1, dw2, db2, ds, dt, dg
 
 
