@@ -9,8 +9,8 @@ Layout: any strides of x, dy, out; the launcher orients the (pixels x channels) 
 contiguous axis (pixels for NCHW, channels for channels-last). a, b: (B, C), any strides.
 Accumulation float32; inputs float32, bfloat16, float16 (bfloat16 stores round to nearest even, under
 the interpreter too: rounding.py). Limits: C, H*W below 2**31.
-Fused use: the Stage C ResBlock op applies the same modulation in its output epilogue (ops/resblock.py)
-and reuses `mod_bwd` for its backward.
+Fused use: the ResBlock ops (Stage C and Stage B) apply the same modulation in their output epilogue
+(ops/resblock.py) and reuse `mod_bwd` for their backward.
 Equivalent code: `wuerstchen_fast.ops.reference.modulate`.
 """
 from __future__ import annotations

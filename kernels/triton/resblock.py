@@ -6,7 +6,7 @@ Math (per block; u = cat[x, skip] for Stage C, u = x for Stage B; KG = channels 
     h  = xn·W1[:, :C]ᵀ (+ skip·W1[:, C:]ᵀ for Stage B: split K, never a concatenated input) + b1
     g  = GELU(h);  S_bn = Σ_p g²;  s = 1 + γ·G/(mean G + 1e-6), G = √S       (GRN, kernels/grn.py)
     out = (g ⊙ s_b + β)·W2ᵀ + b2 + x               (GRN applied in the second Linear's prologue)
-    [Stage C, folded TimestepBlock: out = out·(1 + a) + b]
+    [folded TimestepBlock (either stage): out = out·(1 + a) + b]
 Kernels:
     _dwconv_ln   depthwise conv + bias + LayerNorm in one program per BLOCK_P pixels, channels-last
                  output xn (M = B·H·W rows, C); pass 1 writes the conv result (rounded to the output
