@@ -89,4 +89,7 @@ def test_fullgraph_whole_model_on_triton(stage):
     with torch.no_grad(), wuerstchen_fast.backend("torch"):
         ref = m.forward_raw(*args)
     assert any("wuerstchen_fast.layer_norm_2d" in t for t in seen), seen
+    # Every TimestepBlock follows a ResBlock in these layouts: all fold into the ResBlock ops.
+    assert any("wuerstchen_fast.resblock" in t for t in seen), seen
+    assert not any("wuerstchen_fast.modulate" in t for t in seen), seen
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

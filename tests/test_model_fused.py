@@ -14,10 +14,11 @@ program does, but may not be less accurate than eager PyTorch. A comparison ours
 fixed atol would either hide real errors in small gradients or fail on tensors whose eager error is
 itself large (deep products of random weights), which is why the float64 model is the referee.
 
-Also here: the Stage C TimestepBlock modulation folded into the ResBlock op (`StageC.fold_modulation`)
-equals the unfolded path, is really folded (no separate modulate op in the graph), is not folded on the
-torch backend (diffusers' order, bit-exact parity in tests/test_models_stages.py), and
-`torch.compile(fullgraph=True)` traces the folded Stage C and a Stage A decode with no graph break.
+Also here: the TimestepBlock modulation folded into the preceding ResBlock op (Stage C's ResBlock and
+Stage B's ResBlockStageB; `fold_modulation` on both models) equals the unfolded path, is really folded
+(no separate modulate op in the graph), is not folded on the torch backend (diffusers' order, bit-exact
+parity in tests/test_models_stages.py), and `torch.compile(fullgraph=True)` traces the folded Stage C
+and Stage B and a Stage A decode with no graph break.
 """
 import importlib
 
@@ -27,6 +28,7 @@ import torch._dynamo
 
 import wuerstchen_fast
 from conftest import DEVICE
+from wuerstchen_fast.models.blocks import ResBlock, ResBlockStageB, TimestepBlock
 from wuerstchen_fast.models.configs import StageAConfig, StageBConfig, StageCConfig
 from wuerstchen_fast.models.stage_a import StageA
 from wuerstchen_fast.models.stage_b import StageB
@@ -135,8 +137,17 @@ def _graph_ops(fn, *args):
     return torch.compile(fn, fullgraph=True, backend=backend)(*args), seen
 
 
-def test_stage_c_folded_modulation_equals_unfolded():
-    m, args = _stage_c(), _inputs("stage_c", seed=4)
+def _foldable_pairs(model):
+    """How many ResBlocks (either stage) are directly followed by a TimestepBlock in the model's block lists."""
+    return sum(isinstance(a, (ResBlock, ResBlockStageB)) and isinstance(b, TimestepBlock)
+               for lst in model.modules() if isinstance(lst, torch.nn.ModuleList) for a, b in zip(lst, lst[1:]))
+
+
+@pytest.mark.parametrize("stage", ["stage_c", "stage_b"])
+def test_folded_modulation_equals_unfolded(stage):
+    m, args = _BUILD[stage](), _inputs(stage, seed=4)
+    n_pairs = _foldable_pairs(m)
+    assert n_pairs == (StageCConfig.tiny().depth if stage == "stage_c" else sum(StageBConfig.tiny().blocks) * 2)
     with torch.no_grad(), wuerstchen_fast.backend("triton"):
         folded, seen = _graph_ops(m.forward_raw, *args)
         m.fold_modulation = False
@@ -144,13 +155,13 @@ def test_stage_c_folded_modulation_equals_unfolded():
     # Folded: the modulation runs in the ResBlock op's epilogue (float32 arithmetic on the same
     # values in the same order as the standalone modulate kernel), so the two paths agree to a few ulps.
     torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-5)
-    n_res = sum("wuerstchen_fast.resblock" in t for t in seen)
-    assert n_res == StageCConfig.tiny().depth, seen
+    assert sum("wuerstchen_fast.resblock" in t for t in seen) == n_pairs, seen
     assert not any("wuerstchen_fast.modulate" in t for t in seen), seen
-    assert sum("wuerstchen_fast.modulate" in t for t in seen_unfolded) == StageCConfig.tiny().depth
+    assert sum("wuerstchen_fast.modulate" in t for t in seen_unfolded) == n_pairs, seen_unfolded
 
 
-def test_stage_c_torch_backend_never_folds(monkeypatch):
+@pytest.mark.parametrize("stage", ["stage_c", "stage_b"])
+def test_torch_backend_never_folds(stage, monkeypatch):
     """The reference path keeps the separate modulate op (diffusers' order, bit-exact parity)."""
     R = importlib.import_module("wuerstchen_fast.ops.resblock")
     calls, real = [], R._call
@@ -160,7 +171,7 @@ def test_stage_c_torch_backend_never_folds(monkeypatch):
         return real(stage_b, name, *args)
 
     monkeypatch.setattr(R, "_call", spy)
-    m, args = _stage_c(), _inputs("stage_c")
+    m, args = _BUILD[stage](), _inputs(stage)
     with torch.no_grad(), wuerstchen_fast.backend("torch"):
         out = m(*args)
         m.fold_modulation = False

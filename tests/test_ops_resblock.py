@@ -4,7 +4,8 @@ Both triton variants (cuBLAS GEMMs with fused Triton kernels around them, and Tr
 fused prologue/epilogues); outputs and the gradients of every input and weight; float32, bfloat16,
 float16; contiguous, channels-last and non-dense strided inputs; H, W including 1 and odd; channel
 counts that are not tile multiples; Stage C skip (concatenated before the conv, 2 inputs per group)
-and Stage B skip (second K-input of the first Linear). Error bound: testing/tolerance.py.
+and Stage B skip (second K-input of the first Linear); the folded TimestepBlock modulation
+out·(1 + a) + b on both stages, with the gradients of a and b. Error bound: testing/tolerance.py.
 Shapes are small: Triton runs under its interpreter on CPU (~1 s per case).
 """
 import importlib
@@ -86,8 +87,19 @@ def test_odd_shapes(variant, shape):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_folded_modulation(variant, dtype, layout):
-    _check(False, variant, 2, 16, 3, 3, 0, dtype, layout, with_mod=True)
+@pytest.mark.parametrize("stage_b", [False, True], ids=["stage_c", "stage_b"])
+def test_folded_modulation(stage_b, variant, dtype, layout):
+    _check(stage_b, variant, 2, 16, 3, 3, 7 if stage_b else 0, dtype, layout, with_mod=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 40, 1, 1, 0), (2, 20, 1, 7, 7), (1, 24, 5, 3, 13)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_stage_b_folded_modulation_odd_shapes(variant, dtype, shape):
+    # Stage B's fold (ResBlockStageB -> TimestepBlock): 1x1 and 1-row images, channels and skip widths
+    # that are not tile multiples, non-dense strided inputs; gradients of a and b included.
+    _check(True, variant, *shape, dtype, "strided", with_mod=True)
 
 
 def test_training_dropout_is_never_skipped():

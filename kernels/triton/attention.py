@@ -54,14 +54,45 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _head(H, D, BLOCK_D: tl.constexpr):
+    """This program's (batch, head) from the grid's axis 1: bh, batch b (int64) and the head's first
+    column; the head-dim lanes d and their mask."""
+    bh = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    return bh, (bh // H).to(tl.int64), (bh % H) * D, d, d < D
+
+
+@triton.jit
+def _q_rows(Q, DO, LSE, DELTA, b, bh, hcol, m, Nq, d, dm, sqb, sqn, sdb, sdn):
+    """What both backward kernels read for query rows m of one head: the q and dO tiles, LSE and Δ
+    (0 outside), and the rows' masks (rows; rows x head dim)."""
+    mm = m < Nq
+    qmask = mm[:, None] & dm[None, :]
+    mrow = m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + hcol + mrow * sqn + d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * sdb + hcol + mrow * sdn + d[None, :], mask=qmask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Nq + m, mask=mm, other=0.0)
+    dlt = tl.load(DELTA + bh.to(tl.int64) * Nq + m, mask=mm, other=0.0)
+    return q, do, lse, dlt, mm, qmask
+
+
+@triton.jit
+def _kt_tile(K, kv_base, skn, n0, N, d, dm, BLOCK_N: tl.constexpr):
+    """Kᵀ tile of one source (head dim x the BLOCK_N keys from n0, 0 outside), the keys' mask and row
+    offsets (for the V tile of the same keys)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    nm = n < N
+    roff = n.to(tl.int64) * skn
+    kt = tl.load(K + kv_base + d[:, None] + roff[None, :], mask=dm[:, None] & nm[None, :], other=0.0)
+    return kt, nm, roff
+
+
+@triton.jit
 def _fwd_source(acc, m_i, l_i, q, K, V, kv_base, skn, N, d, dm, qk_scale,
                 IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax pass over the N keys/values of one source."""
     for n0 in range(0, N, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nm = n < N
-        roff = n.to(tl.int64) * skn
-        kt = tl.load(K + kv_base + d[:, None] + roff[None, :], mask=dm[:, None] & nm[None, :], other=0.0)
+        kt, nm, roff = _kt_tile(K, kv_base, skn, n0, N, d, dm, BLOCK_N)
         s = _dot(q, kt, IEEE, UPCAST) * qk_scale
         s = tl.where(nm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -79,13 +110,9 @@ def _attn_fwd_kernel(Q, K1, V1, K2, V2, O, LSE, Nq, N1, N2, H, D,
                      sqb, sqn, s1b, s1n, s2b, s2n, sob, son, qk_scale,
                      IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hcol = (bh % H) * D
+    bh, b, hcol, d, dm = _head(H, D, BLOCK_D)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = m < Nq
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
     qmask = mm[:, None] & dm[None, :]
     q = tl.load(Q + b * sqb + hcol + m.to(tl.int64)[:, None] * sqn + d[None, :], mask=qmask, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -106,9 +133,7 @@ def _attn_bwd_dkdv_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, DK2, DV2,
                           sqb, sqn, s1b, s1n, s2b, s2n, sdb, sdn, sg1b, sg1n, sg2b, sg2n, qk_scale, sm_scale,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hcol = (bh % H) * D
+    bh, b, hcol, d, dm = _head(H, D, BLOCK_D)
     j = tl.program_id(0)
     # which source this key block belongs to: blocks [0, T1) of source 1, then source 2
     if j < T1:
@@ -119,8 +144,6 @@ def _attn_bwd_dkdv_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, DK2, DV2,
         kvb, skn, gb, sgn = b * s2b + hcol, s2n, b * sg2b + hcol, sg2n
     n = n0 + tl.arange(0, BLOCK_N)
     nm = n < N
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
     kvmask = nm[:, None] & dm[None, :]
     roff = n.to(tl.int64)[:, None] * skn + d[None, :]
     k = tl.load(K + kvb + roff, mask=kvmask, other=0.0)
@@ -129,13 +152,7 @@ def _attn_bwd_dkdv_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, DK2, DV2,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, Nq, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
-        mm = m < Nq
-        qmask = mm[:, None] & dm[None, :]
-        mrow = m.to(tl.int64)[:, None]
-        q = tl.load(Q + b * sqb + hcol + mrow * sqn + d[None, :], mask=qmask, other=0.0)
-        do = tl.load(DO + b * sdb + hcol + mrow * sdn + d[None, :], mask=qmask, other=0.0)
-        lse = tl.load(LSE + bh.to(tl.int64) * Nq + m, mask=mm, other=0.0)
-        dlt = tl.load(DELTA + bh.to(tl.int64) * Nq + m, mask=mm, other=0.0)
+        q, do, lse, dlt, mm, _ = _q_rows(Q, DO, LSE, DELTA, b, bh, hcol, m, Nq, d, dm, sqb, sqn, sdb, sdn)
         st = _dot(k, tl.trans(q), IEEE, UPCAST) * qk_scale  # Sᵀ: (BLOCK_N, BLOCK_M)
         pt = tl.where(nm[:, None] & mm[None, :], tl.exp2(st - lse[None, :]), 0.0)
         dv += _dot(to_out(pt, DO.dtype.element_ty, RNE), do, IEEE, UPCAST)
@@ -151,10 +168,7 @@ def _attn_bwd_dkdv_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, DK2, DV2,
 def _dq_source(dq, q, do, lse, dlt, K, V, kv_base, skn, N, d, dm, qk_scale,
                IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr, BLOCK_N: tl.constexpr):
     for n0 in range(0, N, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nm = n < N
-        roff = n.to(tl.int64) * skn
-        kt = tl.load(K + kv_base + d[:, None] + roff[None, :], mask=dm[:, None] & nm[None, :], other=0.0)
+        kt, nm, roff = _kt_tile(K, kv_base, skn, n0, N, d, dm, BLOCK_N)
         vt = tl.load(V + kv_base + d[:, None] + roff[None, :], mask=dm[:, None] & nm[None, :], other=0.0)
         s = _dot(q, kt, IEEE, UPCAST) * qk_scale
         p = tl.where(nm[None, :], tl.exp2(s - lse[:, None]), 0.0)
@@ -169,30 +183,20 @@ def _attn_bwd_dq_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, Nq, N1, N2, H, D,
                         sqb, sqn, s1b, s1n, s2b, s2n, sdb, sdn, sgb, sgn, qk_scale, sm_scale,
                         IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hcol = (bh % H) * D
+    bh, b, hcol, d, dm = _head(H, D, BLOCK_D)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mm = m < Nq
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    qmask = mm[:, None] & dm[None, :]
-    mrow = m.to(tl.int64)[:, None]
-    q = tl.load(Q + b * sqb + hcol + mrow * sqn + d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b * sdb + hcol + mrow * sdn + d[None, :], mask=qmask, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * Nq + m, mask=mm, other=0.0)
-    dlt = tl.load(DELTA + bh.to(tl.int64) * Nq + m, mask=mm, other=0.0)
+    q, do, lse, dlt, _, qmask = _q_rows(Q, DO, LSE, DELTA, b, bh, hcol, m, Nq, d, dm, sqb, sqn, sdb, sdn)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_source(dq, q, do, lse, dlt, K1, V1, b * s1b + hcol, s1n, N1, d, dm, qk_scale, IEEE, UPCAST, RNE, BLOCK_N)
     dq = _dq_source(dq, q, do, lse, dlt, K2, V2, b * s2b + hcol, s2n, N2, d, dm, qk_scale, IEEE, UPCAST, RNE, BLOCK_N)
-    tl.store(DQ + b * sgb + hcol + mrow * sgn + d[None, :], to_out(dq * sm_scale, DQ.dtype.element_ty, RNE),
+    tl.store(DQ + b * sgb + hcol + m.to(tl.int64)[:, None] * sgn + d[None, :], to_out(dq * sm_scale, DQ.dtype.element_ty, RNE),
              mask=qmask)
 
 
 # ------------------------------------------------------------------------------ launchers
 
 # Tiles for head dim 64 (bf16/fp16), 8 warps: no spills on sm_80/sm_90, but registers per thread are
-# above the 128 budget of tests/test_triton_build.py (sm_90: fwd 122, dkdv 148, dq 128; sm_80: fwd 165,
+# above the 128 budget of tests/test_triton_build.py (sm_90: fwd 122, dkdv 140, dq 128; sm_80: fwd 165,
 # dkdv 255, dq 128): the per-element int64 offsets and head-dim masks still cost too much (open work).
 # Smaller problems shrink the tiles.
 FWD_TILE = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)

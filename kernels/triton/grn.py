@@ -14,7 +14,8 @@ splits), `_stats` / `_stats_bwd` (one program per batch over C: s, G, N / t and 
 the (B, C) statistics kept in float64 (a few thousand values, fp64 atomics): dG = dN/D − ... cancels
 and G = √S is sensitive to S, and float32 there cost ~2x PyTorch's gradient error at H = W = 1.
 Layout: any strides (b, h, w, c); tiles are wide along c, the contiguous axis of channels-last.
-Accumulation float32 (float64 for the per-(b, c) sums); inputs float32, bfloat16, float16. Limits: B, C, H*W each below 2**31.
+Accumulation float32 (float64 for the per-(b, c) sums); inputs float32, bfloat16, float16 (bfloat16
+stores round to nearest even, under the interpreter too: rounding.py). Limits: B, C, H*W each below 2**31.
 Equivalent code: `wuerstchen_fast.ops.reference.grn`.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .rounding import rne_flag, to_out
 
 __all__ = ["colsum", "stats", "stats_bwd", "apply", "apply_bwd", "grn_fwd", "grn_bwd", "COMPILE_SPECS"]
 
@@ -128,7 +131,8 @@ def _stats_bwd_kernel(PS, STATS, GAMMA, T, DGAMMA, B, C, eps, BLOCK_C: tl.conste
 @triton.jit
 def _apply_kernel(X, SCALE, BETA, Y, P, W, C,
                   sxb, sxh, sxw, sxc, syb, syh, syw, syc,
-                  HAS_BETA: tl.constexpr, GELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  HAS_BETA: tl.constexpr, GELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                  RNE: tl.constexpr):
     """Y = v·s[b, c] (+ β[c])."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -143,13 +147,13 @@ def _apply_kernel(X, SCALE, BETA, Y, P, W, C,
     y = v * tl.load(SCALE + b * C + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
     if HAS_BETA:
         y += tl.load(BETA + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + b * syb + (h * syh + w * syw)[:, None] + cc * syc, y.to(Y.dtype.element_ty), mask=m)
+    tl.store(Y + b * syb + (h * syh + w * syw)[:, None] + cc * syc, to_out(y, Y.dtype.element_ty, RNE), mask=m)
 
 
 @triton.jit
 def _apply_bwd_kernel(X, DY, SCALE, T, DX, P, W, C,
                       sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc, sob, soh, sow, soc,
-                      GELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      GELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RNE: tl.constexpr):
     """DX = (dy·s + v·t) (· GELU'(x)); DX may alias DY (each element is read before it is written)."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -166,7 +170,7 @@ def _apply_bwd_kernel(X, DY, SCALE, T, DX, P, W, C,
         dx = (g * s + _gelu(x) * t) * _gelu_grad(x)
     else:
         dx = g * s + x * t
-    tl.store(DX + b * sob + (h * soh + w * sow)[:, None] + cc * soc, dx.to(DX.dtype.element_ty), mask=m)
+    tl.store(DX + b * sob + (h * soh + w * sow)[:, None] + cc * soc, to_out(dx, DX.dtype.element_ty, RNE), mask=m)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -222,7 +226,7 @@ def apply(x4, scale, beta, out4, gelu=False):
         B, H, W, C = x4.shape
         _apply_kernel[_grid_pc(x4)](x4, scale, beta if beta is not None else scale, out4, H * W, W, C,
                                     *x4.stride(), *out4.stride(), HAS_BETA=beta is not None, GELU=gelu,
-                                    BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4)
+                                    BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, RNE=rne_flag(out4), num_warps=4)
     return out4
 
 
@@ -230,7 +234,8 @@ def apply_bwd(x4, dy4, scale, t, out4, gelu=False):
     if x4.numel():
         B, H, W, C = x4.shape
         _apply_bwd_kernel[_grid_pc(x4)](x4, dy4, scale, t, out4, H * W, W, C, *x4.stride(), *dy4.stride(),
-                                        *out4.stride(), GELU=gelu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4)
+                                        *out4.stride(), GELU=gelu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+                                        RNE=rne_flag(out4), num_warps=4)
     return out4
 
 
@@ -257,7 +262,7 @@ def grn_bwd(dy, x, gamma, st):
 
 # ------------------------------------------------------------------------------ compile specs
 
-CONSTEXPR_PREFIXES = ("BLOCK", "MODE", "GELU", "HAS", "KS", "IEEE", "UPCAST", "SAVE_PRE")
+CONSTEXPR_PREFIXES = ("BLOCK", "MODE", "GELU", "HAS", "KS", "IEEE", "UPCAST", "SAVE_PRE", "RNE")
 
 
 def sig(kernel, ptrs: dict, stride_type: str = "i64") -> dict:
@@ -295,11 +300,11 @@ COMPILE_SPECS = [
 ] + [
     dict(name=f"grn._apply_kernel[gelu{int(gelu)}]", kernel=_apply_kernel,
          signature=_sig(_apply_kernel, ("SCALE",), ("X", "BETA", "Y")),
-         constexprs=dict(HAS_BETA=not gelu, GELU=gelu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C), num_warps=4)
+         constexprs=dict(HAS_BETA=not gelu, GELU=gelu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, RNE=False), num_warps=4)
     for gelu in (False, True)
 ] + [
     dict(name=f"grn._apply_bwd_kernel[gelu{int(gelu)}]", kernel=_apply_bwd_kernel,
          signature=_sig(_apply_bwd_kernel, ("SCALE", "T"), ("X", "DY", "DX")),
-         constexprs=dict(GELU=gelu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C), num_warps=4)
+         constexprs=dict(GELU=gelu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, RNE=False), num_warps=4)
     for gelu in (False, True)
 ]

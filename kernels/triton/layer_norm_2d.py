@@ -23,6 +23,15 @@ __all__ = ["layer_norm_2d_fwd", "layer_norm_2d_bwd", "COMPILE_SPECS"]
 
 
 @triton.jit
+def _pixel_tile(HW, W, BLOCK_P: tl.constexpr):
+    """This program's tile of the (pixel tiles, B) grid: batch b, the mask of its BLOCK_P pixels, and
+    their (h, w); b, h, w in int64 for the offsets b·s_b + h·s_h + w·s_w of any strides."""
+    b = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return b, p < HW, (p // W).to(tl.int64), (p % W).to(tl.int64)
+
+
+@triton.jit
 def _chunk(P, off, sc, c0, C, pmask, BLOCK_C: tl.constexpr):
     """Load channels [c0, c0 + BLOCK_C) of BLOCK_P pixels as float32 (0 outside); its mask and count."""
     c = c0 + tl.arange(0, BLOCK_C)
@@ -58,11 +67,7 @@ def _ln2d_fwd_kernel(
     eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HW
-    h = (p // W).to(tl.int64)
-    w = (p % W).to(tl.int64)
+    b, pmask, h, w = _pixel_tile(HW, W, BLOCK_P)
     xoff = b * sxb + h * sxh + w * sxw
     yoff = b * syb + h * syh + w * syw
     mean, m2 = _stats(X, xoff, sxc, C, pmask, BLOCK_C, BLOCK_P)
@@ -83,11 +88,7 @@ def _ln2d_bwd_kernel(
     eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HW
-    h = (p // W).to(tl.int64)
-    w = (p % W).to(tl.int64)
+    b, pmask, h, w = _pixel_tile(HW, W, BLOCK_P)
     goff = b * sgb + h * sgh + w * sgw
     xoff = b * sxb + h * sxh + w * sxw
     ooff = b * sob + h * soh + w * sow

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm_2d import _chunk, _stats, _tiles
+from .layer_norm_2d import _chunk, _pixel_tile, _stats, _tiles
 from .rounding import rne_flag, to_out
 
 __all__ = ["norm_mod_fwd", "norm_mod_bwd", "dwconv_fwd", "dwconv_bwd", "COMPILE_SPECS"]
@@ -34,11 +34,7 @@ def _norm_mod_fwd_kernel(
     eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, RNE: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HW
-    h = (p // W).to(tl.int64)
-    w = (p % W).to(tl.int64)
+    b, pmask, h, w = _pixel_tile(HW, W, BLOCK_P)
     xoff = b * sxb + h * sxh + w * sxw
     yoff = b * syb + h * syh + w * syw
     mean, m2 = _stats(X, xoff, sxc, C, pmask, BLOCK_C, BLOCK_P)
@@ -62,11 +58,7 @@ def _norm_mod_bwd_kernel(
     eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, RNE: tl.constexpr, HAS_R: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HW
-    h = (p // W).to(tl.int64)
-    w = (p % W).to(tl.int64)
+    b, pmask, h, w = _pixel_tile(HW, W, BLOCK_P)
     goff = b * sgb + h * sgh + w * sgw
     xoff = b * sxb + h * sxh + w * sxw
     ooff = b * sob + h * soh + w * sow

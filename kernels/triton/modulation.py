@@ -7,9 +7,10 @@ over pixel splits in float64 (tile sums and atomics into (B, C) buffers: PyTorch
 more accurate than a float32 running sum over H*W, and these are few values).
 Layout: any strides of x, dy, out; the launcher orients the (pixels x channels) tile along the
 contiguous axis (pixels for NCHW, channels for channels-last). a, b: (B, C), any strides.
-Accumulation float32; inputs float32, bfloat16, float16. Limits: C, H*W below 2**31.
-Fused use: the Stage C ResBlock op applies the same modulation in its output epilogue (ops/resblock.py)
-and reuses `mod_bwd` for its backward.
+Accumulation float32; inputs float32, bfloat16, float16 (bfloat16 stores round to nearest even, under
+the interpreter too: rounding.py). Limits: C, H*W below 2**31.
+Fused use: the ResBlock ops (Stage C and Stage B) apply the same modulation in their output epilogue
+(ops/resblock.py) and reuse `mod_bwd` for their backward.
 Equivalent code: `wuerstchen_fast.ops.reference.modulate`.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .grn import sig
+from .rounding import rne_flag, to_out
 
 __all__ = ["mod_fwd", "mod_bwd", "COMPILE_SPECS"]
 
@@ -26,7 +28,7 @@ __all__ = ["mod_fwd", "mod_bwd", "COMPILE_SPECS"]
 @triton.jit
 def _mod_fwd_kernel(X, A, Bm, Y, C, P, W,
                     sxb, sxc, sxh, sxw, syb, syc, syh, syw, sab, sac, sbb, sbc,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RNE: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
@@ -39,13 +41,13 @@ def _mod_fwd_kernel(X, A, Bm, Y, C, P, W,
     a = tl.load(A + b * sab + cc * sac, mask=cm, other=0.0).to(tl.float32)
     bb = tl.load(Bm + b * sbb + cc * sbc, mask=cm, other=0.0).to(tl.float32)
     y = x * (1.0 + a[None, :]) + bb[None, :]
-    tl.store(Y + b * syb + (h * syh + w * syw)[:, None] + (cc * syc)[None, :], y.to(Y.dtype.element_ty), mask=m)
+    tl.store(Y + b * syb + (h * syh + w * syw)[:, None] + (cc * syc)[None, :], to_out(y, Y.dtype.element_ty, RNE), mask=m)
 
 
 @triton.jit
 def _mod_bwd_kernel(DY, X, A, DX, DA, DB, C, P, W, chunk,
                     sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sob, soc, soh, sow, sab, sac,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RNE: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
     cm = c < C
@@ -66,7 +68,7 @@ def _mod_bwd_kernel(DY, X, A, DX, DA, DB, C, P, W, chunk,
         acc_a += tl.sum(g64 * x.to(tl.float64), axis=0)
         acc_b += tl.sum(g64, axis=0)
         tl.store(DX + b * sob + (h * soh + w * sow)[:, None] + (cc * soc)[None, :],
-                 (g * a1[None, :]).to(DX.dtype.element_ty), mask=m)
+                 to_out(g * a1[None, :], DX.dtype.element_ty, RNE), mask=m)
     tl.atomic_add(DA + b * C + c, acc_a, mask=cm)
     tl.atomic_add(DB + b * C + c, acc_b, mask=cm)
 
@@ -85,7 +87,7 @@ def mod_fwd(x, a, b, out):
         bp, bc = _tiles(x)
         grid = (triton.cdiv(H * W, bp), triton.cdiv(C, bc), B)
         _mod_fwd_kernel[grid](x, a, b, out, C, H * W, W, *x.stride(), *out.stride(), *a.stride(), *b.stride(),
-                              BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
+                              BLOCK_P=bp, BLOCK_C=bc, RNE=rne_flag(out), num_warps=4)
     return out
 
 
@@ -101,7 +103,7 @@ def mod_bwd(dy, x, a, dx):
         chunk = triton.cdiv(triton.cdiv(P, splits), bp) * bp
         grid = (triton.cdiv(C, bc), triton.cdiv(P, chunk), B)
         _mod_bwd_kernel[grid](dy, x, a, dx, da, db, C, P, W, chunk, *dy.stride(), *x.stride(), *dx.stride(),
-                              *a.stride(), BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
+                              *a.stride(), BLOCK_P=bp, BLOCK_C=bc, RNE=rne_flag(dx), num_warps=4)
     return da, db
 
 
@@ -110,7 +112,7 @@ _BF16 = {n: "*bf16" for n in ("X", "A", "Bm", "Y", "DY", "DX")}
 COMPILE_SPECS = [
     dict(name=f"modulation.{k.fn.__name__}[{lay}]", kernel=k,
          signature=sig(k, {**_BF16, "DA": "*fp64", "DB": "*fp64"}),
-         constexprs=dict(BLOCK_P=bp, BLOCK_C=bc), num_warps=4)
+         constexprs=dict(BLOCK_P=bp, BLOCK_C=bc, RNE=False), num_warps=4)
     for k in (_mod_fwd_kernel, _mod_bwd_kernel)
     for lay, bp, bc in (("nchw", 64, 16), ("nhwc", 16, 64))
 ]

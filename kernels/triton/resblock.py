@@ -6,7 +6,7 @@ Math (per block; u = cat[x, skip] for Stage C, u = x for Stage B; KG = channels 
     h  = xn·W1[:, :C]ᵀ (+ skip·W1[:, C:]ᵀ for Stage B: split K, never a concatenated input) + b1
     g  = GELU(h);  S_bn = Σ_p g²;  s = 1 + γ·G/(mean G + 1e-6), G = √S       (GRN, kernels/grn.py)
     out = (g ⊙ s_b + β)·W2ᵀ + b2 + x               (GRN applied in the second Linear's prologue)
-    [Stage C, folded TimestepBlock: out = out·(1 + a) + b]
+    [folded TimestepBlock (either stage): out = out·(1 + a) + b]
 Kernels:
     _dwconv_ln   depthwise conv + bias + LayerNorm in one program per BLOCK_P pixels, channels-last
                  output xn (M = B·H·W rows, C); pass 1 writes the conv result (rounded to the output
@@ -25,7 +25,8 @@ Backward recomputes GELU(h) from the saved pre-activation h and uses the saved x
 statistics; the GEMMs of the backward are cuBLAS (torch.matmul) in both variants.
 Layout: x, skip, out any strides (4-d, (B, C, H, W) indexing); xn, h, dd are row-major (M, ·).
 Accumulation float32 (GEMMs: float32 accumulators, fp32 inputs with input_precision="ieee", not
-TF32, as PyTorch's default); inputs float32, bfloat16, float16. Limits: odd KS; M, N·M below 2**31
+TF32, as PyTorch's default); inputs float32, bfloat16, float16; bfloat16 stores round to nearest even,
+under the interpreter too (rounding.py). Limits: odd KS; M, N·M below 2**31
 per tensor offsets in int64 where they can overflow.
 Equivalent code: `wuerstchen_fast.ops.reference.resblock` / `resblock_stage_b`.
 """
@@ -36,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .grn import _gelu, sig
+from .rounding import rne_flag, to_out
 
 __all__ = ["dwconv_ln", "gemm1", "gemm2", "ln_bwd", "dwconv_bwd", "COMPILE_SPECS"]
 
@@ -69,7 +71,7 @@ def _conv_tile(X, SKIP, WD, BD, b, y, x, pm, c, cm, C, KG, H, W,
 def _dwconv_ln_kernel(X, SKIP, WD, BD, XN, RSTD, R, BIAS2, C, KG, H, W, HW,
                       sxb, sxc, sxh, sxw, skb, skc, skh, skw, srb, src, srh, srw, eps,
                       KS: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_R: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RNE: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = p < HW
@@ -85,7 +87,7 @@ def _dwconv_ln_kernel(X, SKIP, WD, BD, XN, RSTD, R, BIAS2, C, KG, H, W, HW,
         m = pm[:, None] & cm[None, :]
         d = _conv_tile(X, SKIP, WD, BD, b, y, x, pm, c, cm, C, KG, H, W,
                        sxb, sxc, sxh, sxw, skb, skc, skh, skw, KS, HAS_SKIP, BLOCK_P, BLOCK_C)
-        d = d.to(XN.dtype.element_ty)
+        d = to_out(d, XN.dtype.element_ty, RNE)
         tl.store(XN + row[:, None] + c[None, :], d, mask=m)
         d = tl.where(m, d.to(tl.float32), 0.0)
         cnt = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
@@ -104,14 +106,15 @@ def _dwconv_ln_kernel(X, SKIP, WD, BD, XN, RSTD, R, BIAS2, C, KG, H, W, HW,
         cm = c < C
         m = pm[:, None] & cm[None, :]
         d = tl.load(XN + row[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(XN + row[:, None] + c[None, :], ((d - mean[:, None]) * rstd[:, None]).to(XN.dtype.element_ty), mask=m)
+        tl.store(XN + row[:, None] + c[None, :], to_out((d - mean[:, None]) * rstd[:, None], XN.dtype.element_ty, RNE),
+                 mask=m)
         if HAS_R:
             cc = c.to(tl.int64)[None, :]
             sp = (y.to(tl.int64) * sxh + x.to(tl.int64) * sxw)[:, None]
             xv = tl.load(X + b * sxb + sp + cc * sxc, mask=m, other=0.0).to(tl.float32)
             xv += tl.load(BIAS2 + c, mask=cm, other=0.0).to(tl.float32)[None, :]
             spr = (y.to(tl.int64) * srh + x.to(tl.int64) * srw)[:, None]
-            tl.store(R + b * srb + spr + cc * src, xv.to(R.dtype.element_ty), mask=m)
+            tl.store(R + b * srb + spr + cc * src, to_out(xv, R.dtype.element_ty, RNE), mask=m)
 
 
 @triton.jit
@@ -130,7 +133,7 @@ def _mma(a, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _gemm1_kernel(XN, SKIP, W1, B1, HOUT, SUMSQ, HW, W, C, CS, N, tiles_m,
                   skb, skc, skh, skw,
-                  HAS_SKIP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  HAS_SKIP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     b = (tl.program_id(0) // tiles_m).to(tl.int64)
     p = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -155,7 +158,7 @@ def _gemm1_kernel(XN, SKIP, W1, B1, HOUT, SUMSQ, HW, W, C, CS, N, tiles_m,
             w = tl.load(W1 + n[None, :].to(tl.int64) * K + C + k[:, None], mask=km[:, None] & nm[None, :], other=0.0)
             acc = _mma(a, w, acc, IEEE, UPCAST)
     h = acc + tl.load(B1 + n, mask=nm, other=0.0).to(tl.float32)[None, :]
-    h = h.to(HOUT.dtype.element_ty)
+    h = to_out(h, HOUT.dtype.element_ty, RNE)
     m = pm[:, None] & nm[None, :]
     tl.store(HOUT + row[:, None] * N + n[None, :], h, mask=m)
     g = tl.where(m, _gelu(h.to(tl.float32)), 0.0).to(tl.float64)  # GRN sees the stored (rounded) h, as eager
@@ -165,7 +168,7 @@ def _gemm1_kernel(XN, SKIP, W1, B1, HOUT, SUMSQ, HW, W, C, CS, N, tiles_m,
 @triton.jit
 def _gemm2_kernel(HIN, SCALE, BETA, W2, BIAS2, X, MODA, MODB, OUT, OPRE, HW, W, C, N, tiles_m,
                   sxb, sxc, sxh, sxw, sob, soc, soh, sow, spb, spc, sph, spw, sab, sac, smb, smc,
-                  HAS_MOD: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  HAS_MOD: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     b = (tl.program_id(0) // tiles_m).to(tl.int64)
     p = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,7 +183,7 @@ def _gemm2_kernel(HIN, SCALE, BETA, W2, BIAS2, X, MODA, MODB, OUT, OPRE, HW, W, 
         h = tl.load(HIN + row[:, None] * N + k[None, :], mask=pm[:, None] & km[None, :], other=0.0).to(tl.float32)
         s = tl.load(SCALE + b * N + k, mask=km, other=0.0).to(tl.float32)
         bt = tl.load(BETA + k, mask=km, other=0.0).to(tl.float32)
-        a = (_gelu(h) * s[None, :] + bt[None, :]).to(W2.dtype.element_ty)  # GRN in the prologue
+        a = to_out(_gelu(h) * s[None, :] + bt[None, :], W2.dtype.element_ty, RNE)  # GRN in the prologue
         w = tl.load(W2 + c[None, :].to(tl.int64) * N + k[:, None], mask=km[:, None] & cm[None, :], other=0.0)
         acc = _mma(a, w, acc, IEEE, UPCAST)
     m = pm[:, None] & cm[None, :]
@@ -191,12 +194,13 @@ def _gemm2_kernel(HIN, SCALE, BETA, W2, BIAS2, X, MODA, MODB, OUT, OPRE, HW, W, 
     acc += tl.load(X + b * sxb + (y * sxh + x * sxw)[:, None] + cc * sxc, mask=m, other=0.0).to(tl.float32)
     if HAS_MOD:
         if SAVE_PRE:
-            tl.store(OPRE + b * spb + (y * sph + x * spw)[:, None] + cc * spc, acc.to(OPRE.dtype.element_ty), mask=m)
-        acc = acc.to(OUT.dtype.element_ty).to(tl.float32)  # the unfused model rounds here too
+            tl.store(OPRE + b * spb + (y * sph + x * spw)[:, None] + cc * spc, to_out(acc, OPRE.dtype.element_ty, RNE),
+                     mask=m)
+        acc = to_out(acc, OUT.dtype.element_ty, RNE).to(tl.float32)  # the unfused model rounds here too
         ma = tl.load(MODA + b * sab + c * sac, mask=cm, other=0.0).to(tl.float32)
         mb = tl.load(MODB + b * smb + c * smc, mask=cm, other=0.0).to(tl.float32)
         acc = acc * (1.0 + ma[None, :]) + mb[None, :]
-    tl.store(OUT + b * sob + (y * soh + x * sow)[:, None] + cc * soc, acc.to(OUT.dtype.element_ty), mask=m)
+    tl.store(OUT + b * sob + (y * soh + x * sow)[:, None] + cc * soc, to_out(acc, OUT.dtype.element_ty, RNE), mask=m)
 
 
 @triton.jit
@@ -230,7 +234,7 @@ def _dwconv_bwd_kernel(DD, X, SKIP, WD, DOUT, DX, DSKIP, DWD, DBD, C, KG, H, W, 
                        sxb, sxc, sxh, sxw, skb, skc, skh, skw, sgb, sgc, sgh, sgw,
                        sdb, sdc, sdh, sdw, ssb, ssc, ssh, ssw,
                        KS: tl.constexpr, HAS_SKIP: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RNE: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ic = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
@@ -274,11 +278,11 @@ def _dwconv_bwd_kernel(DD, X, SKIP, WD, DOUT, DX, DSKIP, DWD, DBD, C, KG, H, W, 
     icl = ic.to(tl.int64)[None, :]
     dres = tl.load(DOUT + b * sgb + sp + icl * sgc, mask=mx, other=0.0).to(tl.float32)
     spx = (y.to(tl.int64) * sdh + x.to(tl.int64) * sdw)[:, None]
-    tl.store(DX + b * sdb + spx + icl * sdc, (du + dres).to(DX.dtype.element_ty), mask=mx)
+    tl.store(DX + b * sdb + spx + icl * sdc, to_out(du + dres, DX.dtype.element_ty, RNE), mask=mx)
     if HAS_SKIP:
         mk = pm[:, None] & (im & (ic >= C))[None, :]
         sps = (y.to(tl.int64) * ssh + x.to(tl.int64) * ssw)[:, None]
-        tl.store(DSKIP + b * ssb + sps + (ic - C).to(tl.int64)[None, :] * ssc, du.to(DSKIP.dtype.element_ty), mask=mk)
+        tl.store(DSKIP + b * ssb + sps + (ic - C).to(tl.int64)[None, :] * ssc, to_out(du, DSKIP.dtype.element_ty, RNE), mask=mk)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -321,7 +325,7 @@ def dwconv_ln(x, skip, wd, bd, eps, r=None, bias2=None):
         _dwconv_ln_kernel[grid](x, sk, wd, bd, xn, rstd, rr, bias2 if bias2 is not None else rstd,
                                 C, KG, H, W, H * W, *x.stride(), *sk.stride(), *rr.stride(), eps,
                                 KS=wd.shape[-1], HAS_SKIP=skip is not None, HAS_R=r is not None,
-                                num_warps=4, **CONV_TILE)
+                                RNE=rne_flag(xn), num_warps=4, **CONV_TILE)
     return xn, rstd
 
 
@@ -339,7 +343,8 @@ def gemm1(xn, skip, w1, b1, B, H, W):
         skst = sk.stride() if skip is not None else (0, 0, 0, 0)
         _gemm1_kernel[(B * tiles_m, triton.cdiv(N, t["BLOCK_N"]))](
             xn, sk, w1, b1, h, sumsq, H * W, W, C, CS, N, tiles_m, *skst,
-            HAS_SKIP=skip is not None, IEEE=xn.dtype == torch.float32, UPCAST=_upcast(xn), num_warps=GEMM_WARPS, num_stages=GEMM_STAGES, **t)
+            HAS_SKIP=skip is not None, IEEE=xn.dtype == torch.float32, UPCAST=_upcast(xn), RNE=rne_flag(h),
+            num_warps=GEMM_WARPS, num_stages=GEMM_STAGES, **t)
     return h, sumsq
 
 
@@ -358,7 +363,7 @@ def gemm2(h, scale, beta, w2, bias2, x, mod, out, opre):
             h, scale, beta, w2, bias2, x, a, bm, out, op, H * W, W, C, N, tiles_m,
             *x.stride(), *out.stride(), *op.stride(), *ma, *mb,
             HAS_MOD=mod is not None, SAVE_PRE=opre is not None, IEEE=h.dtype == torch.float32,
-            UPCAST=_upcast(h), num_warps=GEMM_WARPS, num_stages=GEMM_STAGES, **t)
+            UPCAST=_upcast(h), RNE=rne_flag(out), num_warps=GEMM_WARPS, num_stages=GEMM_STAGES, **t)
     return out
 
 
@@ -382,7 +387,8 @@ def dwconv_bwd(dd, x, skip, wd, dout, dx, dskip):
         grid = (triton.cdiv(H * W, CONV_BWD_TILE["BLOCK_P"]), triton.cdiv(C * KG, CONV_BWD_TILE["BLOCK_C"]), B)
         _dwconv_bwd_kernel[grid](dd, x, sk, wd, dout, dx, ds, dwd, dbd, C, KG, H, W, H * W,
                                  *x.stride(), *sk.stride(), *dout.stride(), *dx.stride(), *ds.stride(),
-                                 KS=wd.shape[-1], HAS_SKIP=skip is not None, num_warps=4, **CONV_BWD_TILE)
+                                 KS=wd.shape[-1], HAS_SKIP=skip is not None, RNE=rne_flag(dx), num_warps=4,
+                                 **CONV_BWD_TILE)
     return dwd, dbd
 
 
@@ -396,22 +402,22 @@ _PTRS = {**{n: "*bf16" for n in _BF16}, **{n: "*fp32" for n in _F32}, "SUMSQ": "
 _REL1, _REL2 = gemm_tiles(576, 6144, 1536, torch.bfloat16, 1), gemm_tiles(576, 1536, 6144, torch.bfloat16, 2)
 COMPILE_SPECS = [
     dict(name=f"resblock._dwconv_ln_kernel[skip{int(sk)},r{int(r)}]", kernel=_dwconv_ln_kernel,
-         signature=sig(_dwconv_ln_kernel, _PTRS), constexprs=dict(KS=3, HAS_SKIP=sk, HAS_R=r, **CONV_TILE),
+         signature=sig(_dwconv_ln_kernel, _PTRS), constexprs=dict(KS=3, HAS_SKIP=sk, HAS_R=r, RNE=False, **CONV_TILE),
          num_warps=4)
     for sk, r in ((False, True), (False, False), (True, True))
 ] + [
     dict(name=f"resblock._gemm1_kernel[skip{int(sk)}]", kernel=_gemm1_kernel, signature=sig(_gemm1_kernel, _PTRS, "i32"),
-         constexprs=dict(HAS_SKIP=sk, IEEE=False, UPCAST=False, **_REL1), num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
+         constexprs=dict(HAS_SKIP=sk, IEEE=False, UPCAST=False, RNE=False, **_REL1), num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
     for sk in (False, True)
 ] + [
     dict(name=f"resblock._gemm2_kernel[mod{int(md)}]", kernel=_gemm2_kernel, signature=sig(_gemm2_kernel, _PTRS, "i32"),
-         constexprs=dict(HAS_MOD=md, SAVE_PRE=md, IEEE=False, UPCAST=False, **_REL2), num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
+         constexprs=dict(HAS_MOD=md, SAVE_PRE=md, IEEE=False, UPCAST=False, RNE=False, **_REL2), num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
     for md in (False, True)
 ] + [
     dict(name="resblock._ln_bwd_kernel", kernel=_ln_bwd_kernel, signature=sig(_ln_bwd_kernel, _PTRS),
          constexprs=dict(LN_BWD_TILE), num_warps=4),
 ] + [
     dict(name=f"resblock._dwconv_bwd_kernel[skip{int(sk)}]", kernel=_dwconv_bwd_kernel,
-         signature=sig(_dwconv_bwd_kernel, _PTRS), constexprs=dict(KS=3, HAS_SKIP=sk, **CONV_BWD_TILE), num_warps=4)
+         signature=sig(_dwconv_bwd_kernel, _PTRS), constexprs=dict(KS=3, HAS_SKIP=sk, RNE=False, **CONV_BWD_TILE), num_warps=4)
     for sk in (False, True)
 ]

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wuerstchen_fast import ops
+from wuerstchen_fast.ops import registry
 
 __all__ = [
     "LayerNorm2d",
@@ -25,6 +26,7 @@ __all__ = [
     "ResBlock",
     "ResBlockStageB",
     "TimestepBlock",
+    "resblock_then_timestep",
     "Attention",
     "AttnBlock",
     "r_embedding",
@@ -75,6 +77,8 @@ class ResBlock(nn.Module):
     x -> depthwise(cat[x, skip]) -> LayerNorm2d -> Linear(c,4c) -> GELU -> GRN -> Dropout -> Linear(4c,c) -> + x
     """
 
+    op_name = "resblock"  # the registered op that runs the whole block
+
     def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
         super().__init__()
         self.depthwise = nn.Conv2d(c + c_skip, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
@@ -92,6 +96,19 @@ class ResBlock(nn.Module):
         params, p = self._params()
         return ops.resblock(x, x_skip, *params, dropout=p, training=self.training, mod=mod, eps=self.norm.eps)
 
+    def folds(self, x: torch.Tensor, x_skip: torch.Tensor | None, mod: tuple) -> bool:
+        """Whether the block's op runs fused with `mod` folded in: only when the backend the registry
+        picks for it is not the reference. The `torch` backend keeps diffusers' order (the block, then
+        the TimestepBlock's own modulate op), so parity with diffusers stays bit-exact; a backend that
+        cannot fold (its reasons) leaves the two ops apart rather than dropping to the reference."""
+        params, p = self._params()
+        try:
+            name = registry.resolve(self.op_name, x, x_skip, *params, dropout=p, training=self.training, mod=mod,
+                                    eps=self.norm.eps)
+        except registry.BackendUnavailableError:
+            return False
+        return name != "torch"
+
 
 class ResBlockStageB(nn.Module):
     """Stage B residual block: the skip is concatenated *after* the norm, into the first Linear.
@@ -106,12 +123,17 @@ class ResBlockStageB(nn.Module):
         self.norm = LayerNorm2d()
         self.channelwise = _channelwise_mlp(c + c_skip, c, dropout)
 
+    op_name = "resblock_stage_b"
     _params = ResBlock._params
+    folds = ResBlock.folds
 
-    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole block as one op (`ops.resblock_stage_b`): the skip is the first GEMM's second K-input."""
+    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None,
+                mod: tuple | None = None) -> torch.Tensor:
+        """The whole block as one op (`ops.resblock_stage_b`): the skip is the first GEMM's second K-input;
+        `mod=(a, b)` folds the next TimestepBlock."""
         params, p = self._params()
-        return ops.resblock_stage_b(x, x_skip, *params, dropout=p, training=self.training, eps=self.norm.eps)
+        return ops.resblock_stage_b(x, x_skip, *params, dropout=p, training=self.training, mod=mod,
+                                    eps=self.norm.eps)
 
 
 class TimestepBlock(nn.Module):
@@ -128,6 +150,16 @@ class TimestepBlock(nn.Module):
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
         a, b = self.mapper(r_embed).chunk(2, dim=1)
         return self._modulate(x, a, b)
+
+
+def resblock_then_timestep(block: ResBlock | ResBlockStageB, timestep: TimestepBlock, x: torch.Tensor,
+                           x_skip: torch.Tensor | None, r_embed: torch.Tensor, fold: bool = True) -> torch.Tensor:
+    """A ResBlock (either stage) and the TimestepBlock after it: the modulation folds into the block op's
+    output epilogue when `fold` and a fused backend runs it (`block.folds`); else the two run apart."""
+    a, b = timestep.mapper(r_embed).chunk(2, dim=1)
+    if fold and block.folds(x, x_skip, (a, b)):
+        return block(x, x_skip, mod=(a, b))
+    return timestep._modulate(block(x, x_skip), a, b)
 
 
 class Attention(nn.Module):

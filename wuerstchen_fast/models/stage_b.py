@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.reference.ddpm import STAGE_B_HEAD_EPS, stage_b_head
-from .blocks import AttnBlock, LayerNorm2d, ResBlockStageB, RFrequencies, TimestepBlock, r_embedding
+from .blocks import (AttnBlock, LayerNorm2d, ResBlockStageB, RFrequencies, TimestepBlock, r_embedding,
+                     resblock_then_timestep)
 from .configs import StageBConfig
 
 __all__ = ["StageB"]
@@ -78,6 +79,9 @@ class StageB(nn.Module):
         self.clf = nn.Sequential(
             LayerNorm2d(), nn.Conv2d(cfg.c_hidden[0], 2 * cfg.c_out * p * p, kernel_size=1), nn.PixelShuffle(p)
         )
+        # Fold each TimestepBlock's modulation into the preceding ResBlockStageB op when a fused backend
+        # runs it (see ResBlock.folds); False keeps the two ops apart (the tests compare both paths).
+        self.fold_modulation = True
 
     def gen_r_embedding(self, r: torch.Tensor) -> torch.Tensor:
         return r_embedding(r, self.c_r, freqs=self.r_freqs.freqs)
@@ -93,23 +97,32 @@ class StageB(nn.Module):
         resized = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True, align_corners=True)
         return mapper(resized.to(effnet.dtype))
 
-    def _run(self, block: nn.Module, x, skip, r_embed, clip):
-        if isinstance(block, ResBlockStageB):
-            return block(x, skip)
+    def _run(self, block: nn.Module, x, r_embed, clip):
+        """Any block but a ResBlockStageB (see _resblock)."""
         if isinstance(block, AttnBlock):
             return block(x, clip)
         if isinstance(block, TimestepBlock):
             return block(x, r_embed)
         return block(x)
 
+    def _resblock(self, level: nn.ModuleList, j: int, x, skip, r_embed):
+        """level[j], a ResBlockStageB, and the TimestepBlock after it if there is one (its modulation
+        folded into the block op's epilogue where a fused backend runs it). Returns (x, next index)."""
+        if j + 1 < len(level) and isinstance(level[j + 1], TimestepBlock):
+            return resblock_then_timestep(level[j], level[j + 1], x, skip, r_embed, self.fold_modulation), j + 2
+        return level[j](x, skip), j + 1
+
     def _down_encode(self, x, r_embed, effnet, clip) -> list:
         level_outputs = []
         for i, level in enumerate(self.down_blocks):
-            effnet_c = None
-            for block in level:
-                if isinstance(block, ResBlockStageB) and effnet_c is None:
-                    effnet_c = self._effnet_cond(i, effnet, x.shape[-2:])
-                x = self._run(block, x, effnet_c, r_embed, clip)
+            effnet_c, j = None, 0
+            while j < len(level):
+                if isinstance(level[j], ResBlockStageB):
+                    if effnet_c is None:
+                        effnet_c = self._effnet_cond(i, effnet, x.shape[-2:])
+                    x, j = self._resblock(level, j, x, effnet_c, r_embed)
+                else:
+                    x, j = self._run(level[j], x, r_embed, clip), j + 1
             level_outputs.insert(0, x)
         return level_outputs
 
@@ -117,16 +130,17 @@ class StageB(nn.Module):
         x = level_outputs[0]
         n = len(self.down_blocks)
         for i, level in enumerate(self.up_blocks):
-            effnet_c = None
-            for j, block in enumerate(level):
-                skip = None
-                if isinstance(block, ResBlockStageB):
+            effnet_c, j = None, 0
+            while j < len(level):
+                if isinstance(level[j], ResBlockStageB):
                     if effnet_c is None:
                         effnet_c = self._effnet_cond(n + i, effnet, x.shape[-2:])
                     skip = level_outputs[i] if (j == 0 and i > 0) else None
                     if effnet_c is not None:
                         skip = effnet_c if skip is None else torch.cat([skip, effnet_c], dim=1)
-                x = self._run(block, x, skip, r_embed, clip)
+                    x, j = self._resblock(level, j, x, skip, r_embed)
+                else:
+                    x, j = self._run(level[j], x, r_embed, clip), j + 1
         return x
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, clip: torch.Tensor | None = None,

@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops import registry
 from ..ops.reference.ddpm import stage_c_head
-from .blocks import AttnBlock, LayerNorm2d, ResBlock, RFrequencies, TimestepBlock, r_embedding
+from .blocks import AttnBlock, LayerNorm2d, ResBlock, RFrequencies, TimestepBlock, r_embedding, resblock_then_timestep
 from .configs import StageCConfig
 
 __all__ = ["StageC"]
@@ -35,7 +34,7 @@ class StageC(nn.Module):
             self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead, self_attn=True, dropout=cfg.dropout))
         self.out = nn.Sequential(LayerNorm2d(), nn.Conv2d(cfg.c, cfg.c_in * 2, kernel_size=1))
         # Fold each TimestepBlock's modulation into the preceding ResBlock op when a fused backend runs
-        # it (see _folds); False keeps the two ops apart (the tests compare both paths).
+        # it (see ResBlock.folds); False keeps the two ops apart (the tests compare both paths).
         self.fold_modulation = True
 
     def gen_r_embedding(self, r: torch.Tensor) -> torch.Tensor:
@@ -58,27 +57,10 @@ class StageC(nn.Module):
                 x = block(x, r_embed)
             elif isinstance(block, ResBlock) and i + 1 < len(blocks) and isinstance(blocks[i + 1], TimestepBlock):
                 # ResBlock -> TimestepBlock: the modulation folds into the ResBlock's output epilogue.
-                a, b = blocks[i + 1].mapper(r_embed).chunk(2, dim=1)
-                if self.fold_modulation and _folds(block, x, (a, b)):
-                    x = block(x, mod=(a, b))
-                else:
-                    x = blocks[i + 1]._modulate(block(x), a, b)
+                x = resblock_then_timestep(block, blocks[i + 1], x, None, r_embed, self.fold_modulation)
                 i += 1
             else:
                 x = block(x)
             i += 1
         return self.out(x)
 
-
-def _folds(block: ResBlock, x: torch.Tensor, mod: tuple) -> bool:
-    """Whether the ResBlock op runs fused with `mod` folded in: only when the backend the registry picks
-    for it is not the reference. The `torch` backend keeps diffusers' order (ResBlock, then the
-    TimestepBlock's own modulate op), so parity with diffusers stays bit-exact; a backend that cannot
-    fold (its reasons) leaves the two ops apart rather than dropping to the reference."""
-    params, p = block._params()
-    try:
-        name = registry.resolve("resblock", x, None, *params, dropout=p, training=block.training, mod=mod,
-                                eps=block.norm.eps)
-    except registry.BackendUnavailableError:
-        return False
-    return name != "torch"

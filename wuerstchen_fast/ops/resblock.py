@@ -4,7 +4,7 @@
 
 Stage C's `ResBlock` concatenates the skip before the depthwise conv; Stage B's `ResBlockStageB`
 concatenates it after the norm, and the fused path takes it as a second K-input of the first Linear
-(never a materialized concat). `mod=(a, b)` folds the following TimestepBlock: out·(1 + a) + b.
+(never a materialized concat). In both, `mod=(a, b)` folds the following TimestepBlock: out·(1 + a) + b.
 
 Layers as in layer_norm_2d.py: reference (`reference.resblock{,_stage_b}` then `reference.modulate`,
 the `torch` backend) -> Triton kernels (kernels/triton/resblock.py, grn.py, modulation.py) -> front op
@@ -216,8 +216,6 @@ def _check(stage_b, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, 
         reasons.append("needs every tensor in one dtype (cast the module with .to(dtype))")
     if x.dim() == 4 and dw_weight.shape[-1] % 2 == 0:
         reasons.append(f"needs an odd depthwise kernel size, got {dw_weight.shape[-1]}")
-    if mod is not None and stage_b:
-        reasons.append("the folded modulation is a Stage C fusion (ResBlock -> TimestepBlock)")
     return reasons
 
 
@@ -227,7 +225,7 @@ def _samples_for(stage_b):
         out = []
         for (B, C, H, W, cs, dtype, cl, with_mod) in [(2, 16, 3, 5, 0, torch.float32, False, False),
                                                       (1, 24, 4, 4, 8 if stage_b else 24, torch.float32, True, False),
-                                                      (2, 16, 2, 3, 0, torch.bfloat16, False, not stage_b)]:
+                                                      (2, 16, 2, 3, 5 if stage_b else 0, torch.bfloat16, False, True)]:
             args = _make_args(g, B, C, H, W, cs, dtype, cl, stage_b, device)
             kw = {}
             if with_mod:
@@ -287,7 +285,8 @@ def _spec(name, stage_b, doc):
 
 
 SPEC_C = _spec("resblock", False, "Stage C ConvNeXt ResBlock (skip before the depthwise conv), optional modulation")
-SPEC_B = _spec("resblock_stage_b", True, "Stage B ConvNeXt ResBlock (skip as a second input of the first Linear)")
+SPEC_B = _spec("resblock_stage_b", True,
+               "Stage B ConvNeXt ResBlock (skip as a second input of the first Linear), optional modulation")
 
 
 def _call(stage_b, name, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout=0.0, training=False,
@@ -316,9 +315,12 @@ def resblock(x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, *, drop
 
 
 def resblock_stage_b(x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, *, dropout=0.0, training=False,
-                     eps=1e-6, backend=None, variant=None):
-    """Stage B ResBlock. Equivalent code: `reference.resblock_stage_b(...)`."""
+                     mod=None, eps=1e-6, backend=None, variant=None):
+    """Stage B ResBlock (+ the next TimestepBlock's modulation when `mod=(a, b)`).
+
+    Equivalent code: `reference.resblock_stage_b(...)`, then `reference.modulate(out, *mod)`.
+    """
     name = registry.resolve(SPEC_B, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout=dropout,
-                            training=training, eps=eps, backend=backend)
-    return _call(True, name, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout, training, None,
+                            training=training, mod=mod, eps=eps, backend=backend)
+    return _call(True, name, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout, training, mod,
                  eps, variant)
