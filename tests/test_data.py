@@ -145,3 +145,20 @@ def test_training_run_logs_skipped_images(folder, tmp_path):
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["unreadable_images"] == r.counters["unreadable_images"] > 0
     assert last["missing_captions"] == r.counters["missing_captions"] > 0
+
+
+def test_shapes_short_captions_drop_only_the_position_phrase():
+    full, short = ShapesDataset(32, 400, seed=3), ShapesDataset(32, 400, seed=3, short_captions=0.3)
+    n_short = 0
+    for i in range(400):
+        s = full.spec(i)
+        assert short.spec(i) == s  # the picture does not depend on the caption choice
+        cap = short.caption(i)
+        assert cap in (caption_of(s), caption_of(s, with_position=False))
+        n_short += cap == f"a {s.color} {s.shape} on a {s.background} background"
+    assert 0.22 < n_short / 400 < 0.38, n_short  # ~Binomial(400, 0.3): 4 sigma either side
+    assert [short.caption(i) for i in range(50)] == [ShapesDataset(32, 400, seed=3, short_captions=0.3)[i][1]
+                                                    for i in range(50)]
+    assert torch.equal(short[5][0], full[5][0])
+    with pytest.raises(ValueError, match="short_captions is a probability"):
+        ShapesDataset(32, 4, short_captions=1.5)

@@ -138,9 +138,9 @@ class StreamLoader:
 
 
 def build_source(kind: str, *, path=None, resolution: int = 256, length: int = 10_000, seed: int = 0,
-                 split: str = "train", rank: int = 0, world: int = 1):
+                 split: str = "train", rank: int = 0, world: int = 1, short_captions: float = 0.0):
     if kind == "shapes":
-        return ShapesDataset(size=resolution, length=length, seed=seed, split=split)
+        return ShapesDataset(size=resolution, length=length, seed=seed, split=split, short_captions=short_captions)
     if kind == "folder":
         if not path:
             raise ValueError("data.kind='folder' needs data.path (a folder of images with same-named .txt captions)")
@@ -154,9 +154,9 @@ def build_source(kind: str, *, path=None, resolution: int = 256, length: int = 1
 
 def build_loader(kind: str, *, global_batch: int, resolution: int, rank: int = 0, world: int = 1, seed: int = 0,
                  path=None, length: int = 10_000, split: str = "train", shuffle: bool = True,
-                 missing_caption: str = "empty"):
+                 missing_caption: str = "empty", short_captions: float = 0.0):
     src = build_source(kind, path=path, resolution=resolution, length=length, seed=seed, split=split, rank=rank,
-                       world=world)
+                       world=world, short_captions=short_captions)
     if isinstance(src, WebDatasetSource):
         return StreamLoader(src, global_batch, resolution, world=world, missing_caption=missing_caption)
     return ResumableLoader(src, global_batch, resolution, rank=rank, world=world, seed=seed, shuffle=shuffle,

@@ -11,7 +11,9 @@ Vocabulary (also what issue 8's checker scores): COLORS for the shape and the ba
 same), SHAPES, POSITIONS. A fixed set of (shape colour, shape, background colour) triples is held
 out of training (`HELDOUT_TRIPLES`, every position): the "heldout" split draws only those, so an
 evaluation on it asks for combinations the model never saw together, each of whose words it did see.
-The caption grammar is fixed: "a {colour} {shape} {position phrase} on a {background} background".
+The caption grammar is fixed: "a {colour} {shape} {position phrase} on a {background} background";
+with `short_captions=p` a fraction p of the samples (drawn per index) leave the position phrase out
+("a red circle on a blue background"), so prompts that do not say where are in the training distribution.
 """
 from __future__ import annotations
 
@@ -69,8 +71,9 @@ class ShapeSpec:
         return asdict(self)
 
 
-def caption_of(spec: ShapeSpec) -> str:
-    return f"a {spec.color} {spec.shape} {POSITIONS[spec.position][2]} on a {spec.background} background"
+def caption_of(spec: ShapeSpec, with_position: bool = True) -> str:
+    where = f" {POSITIONS[spec.position][2]}" if with_position else ""
+    return f"a {spec.color} {spec.shape}{where} on a {spec.background} background"
 
 
 def make_spec(color: str, shape: str, position: str, background: str, rng: np.random.Generator | None = None) -> ShapeSpec:
@@ -120,16 +123,22 @@ class ShapesDataset:
     """Map-style: `ds[i] -> (image (3, size, size) float32 in [0, 1], caption)`; `ds.spec(i)` the ground truth.
 
     split: "train" draws from TRAIN_TRIPLES, "heldout" from HELDOUT_TRIPLES, "all" from both.
-    Positions and the small jitter are drawn per index from numpy's PCG64 seeded with (seed, index).
+    Positions and the small jitter are drawn per index from numpy's PCG64 seeded with (seed, index);
+    whether a caption is short (no position phrase, probability `short_captions`) from one seeded with
+    (seed, index, 1), so the images do not depend on it.
     """
 
-    def __init__(self, size: int = 256, length: int = 10_000, seed: int = 0, split: str = "train", jitter: bool = True):
+    def __init__(self, size: int = 256, length: int = 10_000, seed: int = 0, split: str = "train", jitter: bool = True,
+                 short_captions: float = 0.0):
         triples = {"train": TRAIN_TRIPLES, "heldout": HELDOUT_TRIPLES, "all": _ALL_TRIPLES}
         if split not in triples:
             raise ValueError(f"ShapesDataset: split must be one of {sorted(triples)}, got {split!r}")
         if size < 8 or length < 1:
             raise ValueError(f"ShapesDataset: need size >= 8 and length >= 1, got size={size}, length={length}")
+        if not 0.0 <= short_captions <= 1.0:
+            raise ValueError(f"ShapesDataset: short_captions is a probability in [0, 1], got {short_captions}")
         self.size, self.length, self.seed, self.split, self.jitter = size, length, seed, split, jitter
+        self.short_captions = float(short_captions)
         self.triples = triples[split]
 
     def __len__(self) -> int:
@@ -143,10 +152,13 @@ class ShapesDataset:
         position = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
         return make_spec(color, shape, position, background, rng if self.jitter else None)
 
+    def _with_position(self, index: int) -> bool:
+        return not self.short_captions or np.random.default_rng([self.seed, index, 1]).random() >= self.short_captions
+
     def caption(self, index: int) -> str:
-        return caption_of(self.spec(index))
+        return caption_of(self.spec(index), self._with_position(index))
 
     def __getitem__(self, index: int):
         spec = self.spec(index)
         img = torch.from_numpy(render_shape(spec, self.size)).permute(2, 0, 1).float().div_(255)
-        return img, caption_of(spec)
+        return img, caption_of(spec, self._with_position(index))
