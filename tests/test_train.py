@@ -121,3 +121,61 @@ def test_grad_checkpointing_same_curve_same_keys(tmp_path, assets):
     torch.testing.assert_close(torch.tensor(ck.losses), torch.tensor(ref.losses), rtol=1e-5, atol=1e-7)
     assert load_file(str(tmp_path / "ck" / "model" / "model.safetensors")).keys() == \
         load_file(str(tmp_path / "ref" / "model" / "model.safetensors")).keys()
+
+
+def test_effnet_space_fold_is_exact():
+    """A decoder trained on (e + 1) / 42 and folded takes the raw e and computes the same function."""
+    from wuerstchen_fast.models import StageB, StageBConfig
+    from wuerstchen_fast.training.objectives import effnet_input, fold_effnet_space
+
+    torch.manual_seed(0)
+    model = StageB(StageBConfig.tiny()).eval()
+    for m in model.effnet_mappers:  # non-trivial biases, so the fold's bias term is exercised
+        if m is not None:
+            torch.nn.init.normal_(m.bias)
+    cfg = model.config
+    x, r = torch.randn(2, cfg.c_in, 16, 16), torch.rand(2)
+    e = torch.randn(2, cfg.effnet_embd, 3, 3) * 42 - 1
+    clip = torch.randn(2, 4, cfg.clip_embd)
+    with torch.no_grad():
+        want = model(x, r, effnet_input(e, "prior"), clip)
+        got = fold_effnet_space(model)(x, r, e, clip)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_stage_b_from_a_latent_cache_learns_resumes_and_exports_folded(tmp_path, assets):
+    """data.cache_size: batches come from encoded samples; the run learns, resumes exactly and exports a
+    decoder that (with effnet_space=prior) equals the trained one applied to (e + 1) / 42."""
+    from wuerstchen_fast.training.objectives import effnet_input
+
+    extra = ("data.cache_size=12", "objective.train_compressor=false", "objective.effnet_space=prior")
+    r = train(_cfg("stage_b", tmp_path / "run", assets, "train.steps=40", *extra))
+    first, last = first_last(r.losses)
+    assert last < 0.8 * first, f"loss did not decrease: first 8 steps {first:.4f}, last 8 {last:.4f}"
+    straight = train(_cfg("stage_b", tmp_path / "s", assets, "train.steps=4", "log.checkpoint_every=1", *extra))
+    train(_cfg("stage_b", tmp_path / "r", assets, "train.steps=4", "log.checkpoint_every=1", *extra), stop_after=2)
+    resumed = train(_cfg("stage_b", tmp_path / "r", assets, "train.steps=4", "log.checkpoint_every=1", *extra), resume=True)
+    assert resumed.losses == straight.losses[2:]
+    # the export: raw-e decoder == trained decoder on the prior-space input
+    ema = load_file(str(latest_checkpoint(tmp_path / "s") / "ema.safetensors"))
+    exported = load_stage_b(tmp_path / "s" / "model").eval()
+    trained = load_stage_b(tmp_path / "s" / "model").eval()
+    trained.load_state_dict({k[len("model."):]: v for k, v in ema.items() if k.startswith("model.")}, strict=False)
+    cfg = exported.config
+    x, t, e = torch.randn(1, cfg.c_in, 8, 8), torch.rand(1), torch.randn(1, cfg.effnet_embd, 2, 2) * 42 - 1
+    clip = torch.randn(1, 4, cfg.clip_embd)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, t, e, clip), trained(x, t, effnet_input(e, "prior"), clip),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (("stage=stage_c", "data.cache_size=8"), "needs stage='stage_b'"),
+    (("data.cache_size=8", "objective.train_compressor=true"), "train_compressor=false"),
+    (("data.cache_size=8", "objective.train_compressor=false", "log.sample_every=2"), "set one of them to 0"),
+    (("objective.effnet_space=latent",), "effnet_space must be"),
+    (("data.kind=folder", "data.short_captions=0.5"), "short_captions applies to"),
+])
+def test_config_rejects_inconsistent_cache_and_effnet_options(extra, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, ["stage=stage_b", *extra])

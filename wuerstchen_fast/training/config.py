@@ -4,7 +4,8 @@ command-line overrides `section.key=value` (the value parsed as JSON when it par
     cfg = load_config("configs/shapes/stage_c.json", ["train.steps=200", "optim.lr=3e-4"])
 
 Unknown keys are errors that name the known ones, so a typo never silently trains the wrong thing.
-See `configs/README.md` for every field.
+Every field, with its meaning, is a commented dataclass field below; `configs/shapes/` holds the
+default model's recipe.
 """
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ class DataSection:
     length: int = 10_000  # shapes: samples per epoch
     seed: int = 0  # shapes: content seed; all kinds: shuffle seed
     missing_caption: str = "empty"  # "empty": train with "" (counted), "skip": skip the sample (counted)
+    short_captions: float = 0.0  # shapes: fraction of captions without the position phrase
+    # Stage B with a frozen compressor: encode this many samples once (Stage A latents, semantic embeddings,
+    # captions) and draw every batch from them at random. Skips the per-step render + Stage A encode, which
+    # dominate a small Stage B's step on a CPU. 0 = encode every batch.
+    cache_size: int = 0
 
 
 @dataclass
@@ -82,6 +88,11 @@ class ObjectiveSection:
     effnet_noise_prob: float = 0.5  # Stage B: probability of noising the semantic embeddings...
     effnet_noise_max: float = 0.25  # ... to a level t ~ U(0, effnet_noise_max)
     train_compressor: bool = True  # Stage B: train the semantic compressor jointly
+    # Stage B: the space its effnet mappers see while training. "raw": the compressor's output e (what the
+    # pipeline passes). "prior": Stage C's latent (e + 1) / 42 -- unit scale when the compressor is
+    # calibrated for Stage C (see training/default_model.py) -- folded back into the mappers on export, so the
+    # exported decoder takes e like any Würstchen decoder.
+    effnet_space: str = "raw"
     vq_weight: float = 1.0  # Stage A: weight of the VQ + 0.25 commitment loss
     l1_weight: float = 0.0  # Stage A: extra L1 reconstruction term
     disc_weight: float = 0.0  # Stage A: patch discriminator loss weight (0 = no discriminator)
@@ -141,6 +152,19 @@ class TrainConfig:
             raise ValueError(f"train.mixed_precision must be 'bf16' or 'fp32', got {self.train.mixed_precision!r}")
         if self.train.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.train.distributed!r}")
+        if self.objective.effnet_space not in ("raw", "prior"):
+            raise ValueError(f"objective.effnet_space must be 'raw' or 'prior', got {self.objective.effnet_space!r}")
+        if self.data.cache_size < 0:
+            raise ValueError(f"data.cache_size must be >= 0, got {self.data.cache_size}")
+        if self.data.cache_size and (self.stage != "stage_b" or self.objective.train_compressor):
+            raise ValueError("data.cache_size caches Stage A latents and semantic embeddings: it needs "
+                             f"stage='stage_b' with objective.train_compressor=false (got stage={self.stage!r}, "
+                             f"train_compressor={self.objective.train_compressor})")
+        if self.data.cache_size and self.log.sample_every:
+            raise ValueError("log.sample_every draws samples from the batch's images, which data.cache_size "
+                             "replaces by cached latents: set one of them to 0")
+        if self.data.short_captions and self.data.kind != "shapes":
+            raise ValueError(f"data.short_captions applies to data.kind='shapes' only (got {self.data.kind!r})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

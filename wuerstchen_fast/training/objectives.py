@@ -10,6 +10,8 @@ Stage B (spec §3, §5):  x0 = StageA.encode(image) / scale_factor (the unquanti
     decodes with `decode(scale_factor · x)`); the semantic embedding e = compressor(image) trains
     jointly; with probability `effnet_noise_prob` it is noised to a level t_e ~ U(0, effnet_noise_max),
     with probability `effnet_drop` replaced by zeros (the decoder's unconditional input); same ε loss.
+    `effnet_space="prior"` feeds the decoder's effnet mappers (e + 1) / 42 instead of e (unit scale when the
+    compressor is calibrated for Stage C); `fold_effnet_space` turns such a decoder into one that takes e.
 Stage A (spec §4):  recon = decode(quantize(encode(x))); loss = mse(recon, x) + l1_weight·|recon − x|
     + vq_weight·(mse(q, z.detach()) + 0.25·mse(z, q.detach())) [+ disc_weight·hinge GAN loss].
 """
@@ -22,7 +24,7 @@ from torch.func import functional_call
 
 from ..diffusion import add_noise, alpha_cumprod
 
-__all__ = ["StageCObjective", "StageBObjective", "StageAObjective", "eps_loss"]
+__all__ = ["StageCObjective", "StageBObjective", "StageAObjective", "eps_loss", "effnet_input", "fold_effnet_space"]
 
 LATENT_SCALE, LATENT_SHIFT = 42.0, 1.0  # Stage C latents are (effnet + 1) / 42 (spec §2)
 
@@ -45,13 +47,40 @@ class StageCObjective(nn.Module):
         return eps_loss(eps_hat, noise, t, self.p2)
 
 
+def effnet_input(e: torch.Tensor, space: str) -> torch.Tensor:
+    """The compressor's output e as a decoder trained in `space` ("raw" or "prior") sees it."""
+    return (e + LATENT_SHIFT) / LATENT_SCALE if space == "prior" else e
+
+
+@torch.no_grad()
+def fold_effnet_space(decoder: nn.Module) -> nn.Module:
+    """A decoder trained with effnet_space="prior" -> the same function of the raw e, in place: every effnet
+    mapper (a 1x1 conv, W z + b with z = (e + 1) / 42) becomes (W / 42) e + (b + W·1 / 42) (new parameter
+    tensors; the old ones are left untouched). Exact, because
+    the resize in front of the mappers is linear with weights summing to one."""
+    for m in decoder.effnet_mappers:
+        if m is None:
+            continue
+        w = m.weight / LATENT_SCALE
+        b = m.bias + w.sum(dim=tuple(range(1, w.dim()))) * LATENT_SHIFT
+        # New tensors, never an in-place update: the module may share storage with a live training run's
+        # parameters or EMA (the trainer exports checkpoints from them).
+        m.weight, m.bias = nn.Parameter(w, m.weight.requires_grad), nn.Parameter(b, m.bias.requires_grad)
+    return decoder
+
+
 class StageBObjective(nn.Module):
-    def __init__(self, model: nn.Module, compressor: nn.Module, p2: bool = True):
+    """`cond` is the compressor's input images, or (`embedded=True`) its output e, precomputed."""
+
+    def __init__(self, model: nn.Module, compressor: nn.Module, p2: bool = True, *, effnet_space: str = "raw",
+                 embedded: bool = False):
         super().__init__()
         self.model, self.compressor, self.p2 = model, compressor, p2
+        self.effnet_space, self.embedded = effnet_space, embedded
 
-    def forward(self, x0, comp_in, text, t, noise, e_noise_t, e_noise, e_noise_on, e_drop):
-        emb = self.compressor(comp_in).float()
+    def forward(self, x0, cond, text, t, noise, e_noise_t, e_noise, e_noise_on, e_drop):
+        emb = cond.float() if self.embedded else self.compressor(cond).float()
+        emb = effnet_input(emb, self.effnet_space)
         noised = add_noise(emb, e_noise, e_noise_t)
         emb = torch.where(e_noise_on[:, None, None, None], noised, emb)
         emb = torch.where(e_drop[:, None, None, None], torch.zeros_like(emb), emb)

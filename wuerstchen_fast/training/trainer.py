@@ -34,7 +34,8 @@ from .config import TrainConfig, load_config
 from .distributed import all_mean, cleanup, init_distributed, unwrap, wrap_model
 from .ema import EMA
 from .monitor import Monitor, ddpm_sample, save_grid
-from .objectives import LATENT_SCALE, LATENT_SHIFT, StageAObjective, StageBObjective, StageCObjective
+from .objectives import (LATENT_SCALE, LATENT_SHIFT, StageAObjective, StageBObjective, StageCObjective, effnet_input,
+                         fold_effnet_space)
 
 __all__ = ["train", "TrainResult"]
 
@@ -85,7 +86,8 @@ class _Run:
             self.objective = StageCObjective(self.model, p2=o.p2_weight)
             C.frozen(self.compressor)
         elif self.stage == "stage_b":
-            self.objective = StageBObjective(self.model, self.compressor, p2=o.p2_weight)
+            self.objective = StageBObjective(self.model, self.compressor, p2=o.p2_weight, effnet_space=o.effnet_space,
+                                             embedded=cfg.data.cache_size > 0)
             if not o.train_compressor:
                 C.frozen(self.compressor)
         else:
@@ -107,21 +109,55 @@ class _Run:
         d = cfg.data
         self.loader = build_loader(d.kind, global_batch=t.batch_size, resolution=d.resolution, rank=info.rank,
                                    world=info.world, seed=d.seed, path=d.path, length=d.length,
-                                   missing_caption=d.missing_caption)
+                                   missing_caption=d.missing_caption, short_captions=d.short_captions)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.cache = self._build_cache(d.cache_size) if d.cache_size else None
+
+    @torch.no_grad()
+    def _build_cache(self, n: int) -> dict:
+        """The first `n` samples of the data (one rank's view of the whole global batch stream, so every rank
+        holds the same cache), encoded once: Stage A latents x0, the compressor's output e, the captions."""
+        d, cfg = self.config.data, self.config
+        loader = build_loader(d.kind, global_batch=cfg.train.batch_size, resolution=d.resolution, rank=0, world=1,
+                              seed=d.seed, path=d.path, length=d.length, missing_caption=d.missing_caption,
+                              short_captions=d.short_captions)
+        x0s, embs, caps = [], [], []
+        t0 = time.perf_counter()
+        while len(caps) < n:
+            images, captions = loader.next_batch()
+            images = images.to(self.info.device)
+            with self._autocast():
+                x0s.append(self.stage_a.encode(images).float().cpu() / self.stage_a.config.scale_factor)
+                embs.append(self.compressor(C.compressor_input(images, cfg.compressor.image_size)).float().cpu())
+            caps += list(captions)
+        cache = {"x0": torch.cat(x0s)[:n], "emb": torch.cat(embs)[:n], "captions": caps[:n]}
+        if self.info.main:
+            print(f"data.cache_size={n}: encoded in {time.perf_counter() - t0:.0f} s; x0 std "
+                  f"{cache['x0'].std():.3f}, e std {cache['emb'].std():.3f}", flush=True)
+        return cache
+
+    def next_batch(self):
+        """-> (images, captions) from the loader, or ((x0, e), captions) drawn from the cache."""
+        if self.cache is None:
+            return self.loader.next_batch()
+        idx = self._slice(torch.randint(len(self.cache["captions"]), (self.config.train.batch_size,),
+                                        generator=self.generator))
+        return (self.cache["x0"][idx], self.cache["emb"][idx]), [self.cache["captions"][i] for i in idx.tolist()]
 
     # ------------------------------------------------------------------------------------ pieces
     @torch.no_grad()
     def encode_text(self, captions: list) -> torch.Tensor:
         missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
-        if missing:
-            if len(self._text_cache) > 4096:
-                self._text_cache.clear()
-            enc = self.tokenizer(missing, padding="max_length", max_length=self.config.text_encoder.context_length,
+        if len(self._text_cache) + len(missing) > 4096:
+            self._text_cache.clear()
+            missing = list(dict.fromkeys(captions))
+        for c in missing:
+            # One caption per call: a GEMM's rounding depends on the batch it is in, and a cached embedding is
+            # reused by later steps, so batching here would make a resumed run differ from a straight one.
+            enc = self.tokenizer([c], padding="max_length", max_length=self.config.text_encoder.context_length,
                                  truncation=True, return_tensors="pt")
             out = self.text_encoder(enc["input_ids"].to(self.info.device), enc["attention_mask"].to(self.info.device))
-            for c, h in zip(missing, out.float()):
-                self._text_cache[c] = h
+            self._text_cache[c] = out[0].float()
         return torch.stack([self._text_cache[c] for c in captions])
 
     def _slice(self, t: torch.Tensor) -> torch.Tensor:
@@ -141,7 +177,10 @@ class _Run:
     def loss(self, images: torch.Tensor, captions: list, step: int):
         """-> (loss, mse) of this rank's slice."""
         B, o = self.config.train.batch_size, self.config.objective
-        images = images.to(self.info.device)
+        if self.cache is not None:  # Stage B from the cache: (x0, e) instead of images
+            (x0, emb), images = (t.to(self.info.device) for t in images), None
+        else:
+            images = images.to(self.info.device)
         if self.stage == "stage_a":
             with self._autocast():
                 return self.step_fn(images, step >= o.disc_start)
@@ -149,15 +188,16 @@ class _Run:
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         t = self._rand(B)
         text = self.encode_text(captions)
-        comp_in = C.compressor_input(images, self.config.compressor.image_size)
+        comp_in = C.compressor_input(images, self.config.compressor.image_size) if images is not None else emb
         with self._autocast():
             if self.stage == "stage_c":
                 with torch.no_grad():
                     x0 = ((self.compressor(comp_in).float() + LATENT_SHIFT) / LATENT_SCALE)
                 noise = self._randn(B, *x0.shape[1:])
                 return self.step_fn(x0, text, t, noise)
-            with torch.no_grad():
-                x0 = self.stage_a.encode(images).float() / self.stage_a.config.scale_factor
+            if images is not None:
+                with torch.no_grad():
+                    x0 = self.stage_a.encode(images).float() / self.stage_a.config.scale_factor
             e_on, e_t, e_drop = self._rand(B) < o.effnet_noise_prob, self._rand(B) * o.effnet_noise_max, self._rand(B) < o.effnet_drop
             noise = self._randn(B, *x0.shape[1:])
             s = self.config.compressor.image_size // 32
@@ -172,6 +212,8 @@ class _Run:
         with torch.device("meta"):
             m = _STAGE_CLS[self.stage](self.model.config)
         m.load_state_dict(sub, assign=True)
+        if self.stage == "stage_b" and self.config.objective.effnet_space == "prior":
+            fold_effnet_space(m)
         return m
 
     def export_compressor(self, sd: dict, folder: Path) -> None:
@@ -197,6 +239,7 @@ class _Run:
                     rows = [list(images), list(self.model.decode(self.model.encode(images), quantize=True).float())]
                 elif self.stage == "stage_b":
                     emb = self.compressor(C.compressor_input(images, cfg.compressor.image_size)).float()
+                    emb = effnet_input(emb, cfg.objective.effnet_space)
                     text = self.encode_text(list(captions[:n]))
                     shape = self.stage_a.encode(images).shape
                     lat = ddpm_sample(lambda x, t, u: self.model(x, t, emb, text).float(), shape, cfg.log.sample_steps,
@@ -271,7 +314,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         grad_norm = torch.zeros(())
         step = start
         while step < total:
-            images, captions = run.loader.next_batch()
+            images, captions = run.next_batch()
             loss, mse = run.loss(images, captions, step)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
