@@ -81,6 +81,24 @@ def test_sample_draws_a_256_image_with_the_default_model():
     assert len(images) == 1 and images[0].size == (256, 256)
 
 
+@needs_bundle
+def test_a_bundle_folder_loads_with_weights_and_equals_the_default(tmp_path):
+    """weights= takes any folder in the bundle layout (what `make train-default` exports), with its sampling.json."""
+    import shutil
+
+    from wuerstchen_fast import load_pipeline
+
+    copy = Path(shutil.copytree(BUNDLE, tmp_path / "bundle"))
+    a, b = load_pipeline(device="cpu"), load_pipeline(weights=copy, device="cpu")
+    assert b.call_defaults == a.call_defaults
+    out = [p("a red circle on a blue background", seed=0, progress=False, output_type="pt", height=128, width=128,
+             prior_num_inference_steps=2, num_inference_steps=2).images for p in (a, b)]
+    assert torch.equal(out[0], out[1])
+    shutil.rmtree(copy / "vqgan")
+    with pytest.raises(FileNotFoundError, match="bundle in the default model's layout"):
+        load_pipeline(weights=copy, device="cpu")
+
+
 def test_load_pipeline_without_the_bundle_raises_no_default_weights(monkeypatch, tmp_path):
     from wuerstchen_fast.pipeline import NoDefaultWeightsError, loading
 

@@ -46,10 +46,14 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "default"
 _DEFAULT_PARTS = ("prior", "decoder", "vqgan", "text_encoder", "tokenizer")
 
 
+def _is_bundle(d: Path) -> bool:
+    """A folder in the default model's layout (what `training.default_model` exports)."""
+    return all((d / p).is_dir() for p in _DEFAULT_PARTS)
+
+
 def default_weights_dir() -> Path | None:
     """The bundled default model's folder, or None when the package ships none (or an incomplete one)."""
-    d = DEFAULT_WEIGHTS
-    return d if all((d / p).is_dir() for p in _DEFAULT_PARTS) else None
+    return DEFAULT_WEIGHTS if _is_bundle(DEFAULT_WEIGHTS) else None
 
 
 def _default_sources() -> dict[str, Any]:
@@ -57,6 +61,10 @@ def _default_sources() -> dict[str, Any]:
     if d is None:
         raise NoDefaultWeightsError("wuerstchen_fast has no bundled default weights in this installation "
                                     f"(weights/default/ with {', '.join(_DEFAULT_PARTS)}): " + HOW_TO_PASS)
+    return _bundle_sources(d)
+
+
+def _bundle_sources(d: Path) -> dict[str, Any]:
     return dict(prior=d / "prior", decoder=d / "decoder", vqgan=d / "vqgan",
                 prior_text_encoder=d / "text_encoder", prior_tokenizer=d / "tokenizer",
                 decoder_text_encoder=d / "text_encoder", decoder_tokenizer=d / "tokenizer",
@@ -170,10 +178,13 @@ def _resolve(prior, decoder, weights) -> dict[str, Any]:
             return src
         if _is_repo(w / "prior", "prior") and _is_repo(w / "decoder", "decoder"):
             prior, decoder = w / "prior", w / "decoder"
+        elif _is_bundle(w):  # the default model's layout (e.g. a bundle trained with `make train-default`)
+            return _bundle_sources(w)
         else:
             raise FileNotFoundError(
                 f"weights={str(w)!r} is neither a saved WuerstchenCombinedPipeline (model_index.json with "
-                "prior_prior/, decoder/, vqgan/ ...) nor a folder holding prior/ and decoder/ diffusers repos"
+                "prior_prior/, decoder/, vqgan/ ...), a folder holding prior/ and decoder/ diffusers repos, nor "
+                f"a bundle in the default model's layout ({', '.join(_DEFAULT_PARTS)}, sampling.json)"
             )
     if prior is None and decoder is None:
         return _default_sources()  # the bundled default model, or NoDefaultWeightsError

@@ -18,7 +18,8 @@ A missing mask (fewer than `MIN_PIXELS` pixels) scores the shape colour, class a
 
     python -m wuerstchen_fast.training.evaluate_default                   # the bundled default model
     python -m wuerstchen_fast.training.evaluate_default --out-dir DIR --seeds 0 1
-Writes eval.json, EVAL.md and samples_grid.png (into the bundle folder by default).
+    python -m wuerstchen_fast.training.evaluate_default --weights runs/shapes/bundle   # any bundle folder
+Writes eval.json, EVAL.md and samples_grid.png (into the evaluated bundle's folder by default).
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def evaluate(pipe=None, *, seeds=(0,), batch: int = 11, sampling: dict | None = 
     if pipe is None:
         from ..pipeline import load_pipeline
 
-        pipe = load_pipeline(device="cpu")
+        pipe = load_pipeline(weights=args.weights, device="cpu")
     items = heldout_prompts()
     kw = dict(sampling or {})
     images, found, rows = [], [], []
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
     p.add_argument("--out-dir", default=None, help="where to write eval.json, EVAL.md, samples_grid.png "
                                                    "(default: the bundled weights folder)")
+    p.add_argument("--weights", default=None, help="a bundle folder to evaluate (default: the bundled default model)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prior-steps", type=int, default=None)
@@ -201,14 +203,14 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(device="cpu")
+    pipe = load_pipeline(weights=args.weights, device="cpu")
     sampling = dict(getattr(pipe, "call_defaults", {}))
     for k, v in (("prior_num_inference_steps", args.prior_steps), ("prior_guidance_scale", args.prior_guidance),
                  ("num_inference_steps", args.steps), ("decoder_guidance_scale", args.decoder_guidance)):
         if v is not None:
             sampling[k] = v
     report, images = evaluate(pipe, seeds=args.seeds, sampling=sampling)
-    out = Path(args.out_dir) if args.out_dir else DEFAULT_WEIGHTS
+    out = Path(args.out_dir) if args.out_dir else Path(args.weights) if args.weights else DEFAULT_WEIGHTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     md = to_markdown(report)
