@@ -145,3 +145,23 @@ def test_default_tokenizer_without_transformers_matches_it(monkeypatch):
     assert torch.equal(seen["ids"], expected.input_ids[:1])
     with pytest.raises(ValueError, match="install transformers"):
         offline(["hello!"])
+
+
+@needs_bundle
+def test_true_latents_evaluation_bypasses_stage_c():
+    """--true-latents scores Stages B and A alone: the prior's output is replaced, so its settings cannot matter."""
+    from wuerstchen_fast import load_pipeline
+    from wuerstchen_fast.training.components import TinyCompressor
+    from wuerstchen_fast.training.evaluate_default import evaluate
+
+    torch.manual_seed(0)
+    comp, pipe = TinyCompressor(16), load_pipeline(device="cpu")
+    small = dict(height=256, width=256, prior_num_inference_steps=2, num_inference_steps=2)
+    reports = [evaluate(pipe, sampling={**small, "prior_guidance_scale": g}, compressor=comp, batch=55)
+               for g in (1.0, 4.0)]
+    assert reports[0][0]["stage_c"] == "replaced by the true latents" and reports[0][0]["n_images"] == 55
+    for a, b in zip(reports[0][1][:5], reports[1][1][:5]):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    plain = evaluate(pipe, sampling={**small, "prior_guidance_scale": 4.0}, batch=55)
+    assert plain[0]["stage_c"] == "sampled"
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain[1][:5], reports[1][1][:5]))

@@ -136,22 +136,50 @@ def _grid(images: list, cols: int, cell: int = 64):
     return g
 
 
-def evaluate(pipe=None, *, seeds=(0,), batch: int = 11, sampling: dict | None = None, progress: bool = False):
-    """Sample every held-out prompt once per seed and score it. -> (report dict, PIL images)."""
+def _true_latents(compressor, chunk: list, size: int = 256, image_size: int = 192):
+    """Stage C's target for each prompt's ground-truth picture: (compressor(image) + 1) / 42."""
+    import torch
+
+    from ..data.shapes import render_shape
+    from .components import compressor_input
+
+    imgs = torch.stack([torch.from_numpy(render_shape(make_spec(it["color"], it["shape"], it["position"],
+                                                                it["background"]), size)) for it in chunk])
+    with torch.no_grad():
+        return (compressor(compressor_input(imgs.permute(0, 3, 1, 2).float() / 255, image_size)).float() + 1) / 42
+
+
+def evaluate(pipe=None, *, seeds=(0,), batch: int = 11, sampling: dict | None = None, progress: bool = False,
+             compressor=None):
+    """Sample every held-out prompt once per seed and score it. -> (report dict, PIL images).
+
+    With `compressor` (the semantic compressor the stages were trained with), Stage C's output is replaced
+    by the true latent of each prompt's ground-truth picture: the score of Stages B and A alone."""
     import torch
 
     if pipe is None:
         from ..pipeline import load_pipeline
 
-        pipe = load_pipeline(weights=args.weights, device="cpu")
+        pipe = load_pipeline(device="cpu")
     items = heldout_prompts()
     kw = dict(sampling or {})
+    prior_steps = kw.get("prior_num_inference_steps", getattr(pipe, "call_defaults", {}).get("prior_num_inference_steps"))
+    if prior_steps is None:  # the pipeline's own default
+        import inspect
+
+        from ..pipeline.core import WuerstchenPipeline
+
+        prior_steps = inspect.signature(WuerstchenPipeline.__call__).parameters["prior_num_inference_steps"].default
     images, found, rows = [], [], []
     t0 = time.perf_counter()
     for seed in seeds:
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
             gen = torch.Generator().manual_seed(seed * 100_003 + i)
+            if compressor is not None:
+                true = _true_latents(compressor.eval(), chunk)
+                kw["prior_callback_on_step_end"] = lambda p, j, t, d, true=true: (
+                    {"latents": true.to(d["latents"])} if j == prior_steps - 1 else {})
             ims = pipe([it["prompt"] for it in chunk], generator=gen, progress=progress, **kw).images
             for it, im in zip(chunk, ims):
                 f = check_image(im)
@@ -165,7 +193,8 @@ def evaluate(pipe=None, *, seeds=(0,), batch: int = 11, sampling: dict | None = 
               "accuracy_percent": {k: round(v, 1) for k, v in acc.items()},
               "targets_percent": TARGETS,
               "targets_met": {k: acc[k] >= v for k, v in TARGETS.items()},
-              "sampling": kw or getattr(pipe, "call_defaults", {}),
+              "sampling": {k: v for k, v in (kw or getattr(pipe, "call_defaults", {})).items() if not callable(v)},
+              "stage_c": "replaced by the true latents" if compressor is not None else "sampled",
               "seconds": round(time.perf_counter() - t0, 1), "images": rows}
     return report, images
 
@@ -189,6 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=None, help="where to write eval.json, EVAL.md, samples_grid.png "
                                                    "(default: the bundled weights folder)")
     p.add_argument("--weights", default=None, help="a bundle folder to evaluate (default: the bundled default model)")
+    p.add_argument("--true-latents", metavar="COMPRESSOR", default=None,
+                   help="score Stages B and A alone: replace Stage C's output by the true latents of the ground-truth "
+                        "pictures from this compressor folder (e.g. runs/shapes/compressor); needs --out-dir")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prior-steps", type=int, default=None)
@@ -209,7 +241,14 @@ def main(argv=None) -> int:
                  ("num_inference_steps", args.steps), ("decoder_guidance_scale", args.decoder_guidance)):
         if v is not None:
             sampling[k] = v
-    report, images = evaluate(pipe, seeds=args.seeds, sampling=sampling)
+    comp = None
+    if args.true_latents:
+        if not args.out_dir:
+            p.error("--true-latents scores a different thing: give --out-dir so the bundle's own table stays")
+        from .components import load_compressor
+
+        comp = load_compressor(args.true_latents)
+    report, images = evaluate(pipe, seeds=args.seeds, sampling=sampling, compressor=comp)
     out = Path(args.out_dir) if args.out_dir else Path(args.weights) if args.weights else DEFAULT_WEIGHTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
