@@ -63,11 +63,11 @@ inline void axpb_row(const TI* x, T* y, int64_t n, const float* A, const float* 
 }
 
 at::Tensor modulate_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::Tensor& b) {
-  check_float_dtype(x_in, "modulate");
-  const Dense d = as_dense(x_in);
+  const ModulateArgs m = modulate_args(x_in, a, &b, "modulate");
+  const Dense& d = m.d;
   const at::Tensor& x = d.t;
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const at::Tensor A = bc_float(a, B, C, "modulate: a").add(1.0), Bv = bc_float(b, B, C, "modulate: b");
+  const int64_t B = m.B, C = m.C, HW = m.HW;
+  const at::Tensor &A = m.A, &Bv = m.Bv;
   at::Tensor y = empty_in_layout(x, d.layout);
   if (x.numel() == 0) return y;
   const float *pa = A.const_data_ptr<float>(), *pb = Bv.const_data_ptr<float>();
@@ -92,14 +92,12 @@ at::Tensor modulate_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modulate_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in,
                                                                      const at::Tensor& a) {
-  check_float_dtype(x_in, "modulate_backward");
-  TORCH_CHECK(grad.sizes() == x_in.sizes() && grad.scalar_type() == x_in.scalar_type(),
-              "modulate_backward: grad must match x in shape and dtype");
-  const Dense d = as_dense(x_in);
+  const ModulateArgs m = modulate_args(x_in, a, nullptr, "modulate_backward");
+  const Dense& d = m.d;
   const at::Tensor& x = d.t;
-  const at::Tensor g = in_layout(grad, d.layout);
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const at::Tensor A = bc_float(a, B, C, "modulate_backward: a").add(1.0);
+  const at::Tensor g = like_x(grad, x, d.layout, "modulate_backward", "grad");
+  const int64_t B = m.B, C = m.C, HW = m.HW;
+  const at::Tensor& A = m.A;
   at::Tensor dx = empty_in_layout(x, d.layout);
   at::Tensor da = at::zeros({B, C}, x.options().dtype(at::kDouble)), db = at::zeros({B, C}, da.options());
   if (x.numel() > 0) {
@@ -180,28 +178,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulate_backward_cpu(const at::T
 at::Tensor ddpm_step_cpu(const at::Tensor& x_in, const at::Tensor& model_out, const at::Tensor& t,
                          const at::Tensor& t_prev, const at::Tensor& noise, double guidance, c10::string_view head_s,
                          double s, double scaler) {
-  check_float_dtype(x_in, "ddpm_step");
-  const int head = head_index(std::string(head_s));
-  const Dense d = as_dense(x_in);
+  const DdpmArgs args = ddpm_args(x_in, model_out, t, t_prev, noise, head_s, s, scaler);
+  const Dense& d = args.d;
   const at::Tensor& x = d.t;
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t Co = head == 0 ? C : 2 * C;
-  TORCH_CHECK(model_out.dim() == 4 && (model_out.size(0) == B || model_out.size(0) == 2 * B) &&
-                  model_out.size(1) == Co && model_out.size(2) == x.size(2) && model_out.size(3) == x.size(3),
-              "ddpm_step: model_out has shape ", model_out.sizes(), ", expected (", B, " or ", 2 * B, ", ", Co,
-              ", H, W)");
-  TORCH_CHECK(noise.sizes() == x.sizes(), "ddpm_step: noise must have x's shape");
-  TORCH_CHECK(t.numel() == 1 || t.numel() == B, "ddpm_step: t needs 1 or B values");
-  TORCH_CHECK(t_prev.numel() == 1 || t_prev.numel() == B, "ddpm_step: t_prev needs 1 or B values");
-  const bool cfg = model_out.size(0) == 2 * B;
-  const at::Tensor o = in_layout(model_out.to(x.scalar_type()), d.layout);
-  const at::Tensor z = in_layout(noise.to(x.scalar_type()), d.layout);
-  const at::Tensor tt = t.reshape(-1).to(at::kFloat).contiguous(), tp = t_prev.reshape(-1).to(at::kFloat).contiguous();
-  const Schedule q = make_schedule(s, scaler);
+  const int head = args.head;
+  const bool cfg = args.cfg;
+  const int64_t B = args.B, C = args.C, HW = args.HW, Co = args.Co;
+  const at::Tensor &o = args.o, &z = args.z, &tt = args.t, &tp = args.tp;
   std::vector<StepCoef> coef(B);
   for (int64_t b = 0; b < B; ++b)
-    coef[b] = step_coef<double>(tt.const_data_ptr<float>()[t.numel() == 1 ? 0 : b],
-                                tp.const_data_ptr<float>()[t_prev.numel() == 1 ? 0 : b], q);
+    coef[b] = step_coef<double>(tt.const_data_ptr<float>()[tt.numel() == 1 ? 0 : b],
+                                tp.const_data_ptr<float>()[tp.numel() == 1 ? 0 : b], args.q);
   at::Tensor y = empty_in_layout(x, d.layout);
   if (x.numel() == 0) return y;
   const bool nchw = d.layout == Layout::NCHW;
@@ -301,11 +288,7 @@ std::tuple<at::Tensor, at::Tensor> grn_colsum_cpu(const at::Tensor& x_in, const 
                                                   bool gelu_on) {
   const at::Tensor x = rows4(x_in, "grn_colsum");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
-  at::Tensor dy;
-  if (dy_in.has_value()) {
-    TORCH_CHECK(dy_in->sizes() == x.sizes() && dy_in->scalar_type() == x.scalar_type(), "grn_colsum: dy must match x");
-    dy = dy_in->contiguous();
-  }
+  const at::Tensor dy = dy_in.has_value() ? grn_dy(*dy_in, x, "grn_colsum") : at::Tensor();
   at::Tensor out = at::zeros({B, C}, x.options().dtype(at::kDouble));
   at::Tensor out_dy = at::zeros({dy.defined() ? C : 1}, out.options());
   if (x.numel() == 0) return {out, out_dy};
@@ -322,8 +305,8 @@ at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
   const at::Tensor x = rows4(x_in, "grn_apply");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
   const at::Tensor sc = bc_float(scale, B, C, "grn_apply: scale");
-  const at::Tensor bt = beta.has_value() ? beta->reshape(-1).to(at::kFloat).contiguous() : at::zeros({C}, sc.options());
-  TORCH_CHECK(bt.numel() == C, "grn_apply: beta needs ", C, " elements");
+  at::Tensor bt = grn_beta(beta, C);
+  if (!bt.defined()) bt = at::zeros({C}, sc.options());
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   const float *ps = sc.const_data_ptr<float>(), *pb = bt.const_data_ptr<float>();
@@ -354,8 +337,7 @@ at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
 at::Tensor grn_apply_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, const at::Tensor& scale,
                                   const at::Tensor& t, bool gelu_on) {
   const at::Tensor x = rows4(x_in, "grn_apply_backward");
-  TORCH_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(), "grn_apply_backward: dy must match x");
-  const at::Tensor dy = dy_in.contiguous();
+  const at::Tensor dy = grn_dy(dy_in, x, "grn_apply_backward");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
   const at::Tensor sc = bc_float(scale, B, C, "grn_apply_backward: scale"), tc = bc_float(t, B, C, "grn_apply_backward: t");
   at::Tensor dx = at::empty_like(x);

@@ -184,13 +184,9 @@ at::Tensor layer_norm_2d_cpu(const at::Tensor& x_in, double eps) {
 
 at::Tensor layer_norm_2d_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, double eps) {
   check_float_dtype(x_in, "layer_norm_2d_backward");
-  TORCH_CHECK(grad.sizes() == x_in.sizes(), "layer_norm_2d_backward: grad shape ", grad.sizes(),
-              " differs from x shape ", x_in.sizes());
-  TORCH_CHECK(grad.scalar_type() == x_in.scalar_type(), "layer_norm_2d_backward: grad dtype ",
-              grad.scalar_type(), " differs from x dtype ", x_in.scalar_type());
   const Dense d = as_dense(x_in);
   const at::Tensor& x = d.t;
-  const at::Tensor g = in_layout(grad, d.layout);
+  const at::Tensor g = like_x(grad, x, d.layout, "layer_norm_2d_backward", "grad");
   at::Tensor dx = empty_in_layout(x, d.layout);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   if (x.numel() == 0) return dx;
