@@ -33,6 +33,10 @@ TORCH_LIBRARY(wuerstchen_fast_C, m) {
   m.def("grn_apply_backward(Tensor x, Tensor dy, Tensor scale, Tensor t, bool gelu) -> Tensor");
 }
 
+namespace wf {
+const char* cpu_isa();  // csrc/cpu/fused_elementwise.cpp: the instruction set of the CPU kernels (isa.h)
+}  // namespace wf
+
 namespace {
 
 pybind11::dict build_info() {
@@ -46,6 +50,7 @@ pybind11::dict build_info() {
 #endif
   d["cuda_version"] = WF_CUDA_VERSION;
   d["cuda_archs"] = WF_CUDA_ARCHS;
+  d["cpu_isa"] = wf::cpu_isa();
   return d;
 }
 

@@ -48,6 +48,7 @@ def test_build_info_records_torch_cuda_and_revision():
     assert info is not None, "CI builds the extension; it must load"
     assert info["torch_version"] == torch.__version__
     assert info["git_revision"]
+    assert info["cpu_isa"] in ("avx2", "baseline")  # csrc/cpu/isa.h
     if info["with_cuda"]:
         assert info["cuda_archs"] and info["cuda_version"] == torch.version.cuda
 

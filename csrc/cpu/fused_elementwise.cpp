@@ -5,9 +5,12 @@
 // Layouts: the (B, C, H, W) ops index NCHW or NHWC directly (csrc/layout.h; anything else is copied
 // to NCHW first) with the innermost loop over the contiguous axis (H*W pixels for NCHW, C channels
 // for NHWC) written with at::vec::Vectorized<float> so it vectorises; GRN operands are (B, H, W, C)
-// row-major (channels innermost). Per-element math float32; reductions (modulate's da, db; GRN's
+// row-major (channels innermost); GELU and GELU' run on whole vectors too (at::vec erf/exp, see
+// csrc/cpu/isa.h), over row tiles padded to a multiple of the vector width. Per-element math float32; reductions (modulate's da, db; GRN's
 // Σv², Σdy·v, Σdy) accumulate in float64 (modulate NCHW: float32 over 4 vectors, then float64), as the
 // Triton kernels keep them in float64. Parallel over independent rows/column tiles (at::parallel_for).
+#include "isa.h"  // first: the instruction set of this file (AVX2 on x86-64)
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -45,6 +48,32 @@ inline void st(T* p, const Vec& v) {
     v.store(buf);
     for (int64_t i = 0; i < VL; ++i) p[i] = T(buf[i]);
   }
+}
+
+// GELU(x) = ½x(1 + erf(x/√2)) and its derivative ½(1 + erf(x/√2)) + x·φ(x), lane-wise (fused_common.h's
+// gelu / gelu_grad, vectorised: the erf and exp of the CPU capability, as eager F.gelu uses).
+inline Vec gelu_vec(const Vec& x) {
+  return Vec(0.5f) * x * (Vec(1.f) + (x * Vec(kSqrt1_2)).erf());
+}
+inline Vec gelu_grad_vec(const Vec& x) {
+  const Vec cdf = Vec(0.5f) * (Vec(1.f) + (x * Vec(kSqrt1_2)).erf());
+  return at::vec::fmadd(x * Vec(kInvSqrt2Pi), (Vec(-0.5f) * x * x).exp(), cdf);
+}
+
+// out[0, n) = float(x[0, n)), zero-padded to a whole number of vectors; returns the padded length.
+template <typename T>
+inline int64_t load_padded(const T* x, float* out, int64_t n) {
+  const int64_t np = (n + VL - 1) / VL * VL;
+  for (int64_t i = 0; i < n; ++i) out[i] = float(x[i]);
+  for (int64_t i = n; i < np; ++i) out[i] = 0.f;
+  return np;
+}
+
+// v[0, n) = GELU(x[0, n)) as float32 (n <= CT); every lane, tail included, takes the vector path.
+template <typename T>
+inline void gelu_tile(const T* x, float* v, int64_t n) {
+  const int64_t np = load_padded(x, v, n);
+  for (int64_t i = 0; i < np; i += VL) gelu_vec(Vec::loadu(v + i)).store(v + i);
 }
 
 // ------------------------------------------------------------------------------------ modulate
@@ -251,18 +280,23 @@ void colsum_impl(const T* x, const T* dy, double* out, double* out_dy, int64_t B
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / ct, c0 = (task % ct) * CT, n = std::min(CT, C - c0);
       double s1[CT] = {0}, s2[CT] = {0};
+      alignas(64) float vb[CT];
       for (int64_t p0 = 0; p0 < P; p0 += 64) {
         double f1[CT] = {0}, f2[CT] = {0};
         for (int64_t p = p0; p < std::min(P, p0 + 64); ++p) {
           const int64_t off = (b * P + p) * C + c0;
           const T* xr = x + off;
+          if (gelu_on) {
+            gelu_tile(xr, vb, n);
+          } else {
+            for (int64_t i = 0; i < n; ++i) vb[i] = float(xr[i]);
+          }
           if (!dy) {
-            if (gelu_on) for (int64_t i = 0; i < n; ++i) { const double v = gelu(float(xr[i])); f1[i] += v * v; }
-            else for (int64_t i = 0; i < n; ++i) { const double v = float(xr[i]); f1[i] += v * v; }
+            for (int64_t i = 0; i < n; ++i) { const double v = vb[i]; f1[i] += v * v; }
           } else {
             const T* gr = dy + off;
             for (int64_t i = 0; i < n; ++i) {
-              const double v = gelu_on ? gelu(float(xr[i])) : float(xr[i]), g = float(gr[i]);
+              const double v = vb[i], g = float(gr[i]);
               f1[i] += g * v;
               f2[i] += g;
             }
@@ -314,7 +348,7 @@ at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * P, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
-      float buf[CT];
+      alignas(64) float buf[CT];
       for (int64_t r = r0; r < r1; ++r) {
         const float* sb = ps + (r / P) * C;
         const scalar_t* xr = xp + r * C;
@@ -325,7 +359,7 @@ at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
         }
         for (int64_t c0 = 0; c0 < C; c0 += CT) {
           const int64_t n = std::min(CT, C - c0);
-          for (int64_t i = 0; i < n; ++i) buf[i] = gelu(float(xr[c0 + i]));
+          gelu_tile(xr + c0, buf, n);
           axpb_row(buf, yr + c0, n, sb + c0, pb + c0, true, 0.f, 0.f);
         }
       }
@@ -347,14 +381,24 @@ at::Tensor grn_apply_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_i
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = dy.const_data_ptr<scalar_t>();
     scalar_t* op = dx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * P, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      alignas(64) float xb[CT], gb[CT], sv[CT], tv[CT];
       for (int64_t r = r0; r < r1; ++r) {
         const float *sb = ps + (r / P) * C, *tb = pt + (r / P) * C;
         const scalar_t *xr = xp + r * C, *gr = gp + r * C;
         scalar_t* orow = op + r * C;
-        if (gelu_on) {
-          for (int64_t c = 0; c < C; ++c) {
-            const float xv = float(xr[c]);
-            orow[c] = scalar_t((float(gr[c]) * sb[c] + gelu(xv) * tb[c]) * gelu_grad(xv));
+        if (gelu_on) {  // (dy·s + GELU(x)·t)·GELU'(x), a tile of CT channels at a time
+          for (int64_t c0 = 0; c0 < C; c0 += CT) {
+            const int64_t n = std::min(CT, C - c0);
+            const int64_t np = load_padded(xr + c0, xb, n);
+            load_padded(gr + c0, gb, n);
+            for (int64_t i = 0; i < n; ++i) { sv[i] = sb[c0 + i]; tv[i] = tb[c0 + i]; }
+            for (int64_t i = n; i < np; ++i) { sv[i] = 0.f; tv[i] = 0.f; }
+            for (int64_t i = 0; i < np; i += VL) {
+              const Vec xv = Vec::loadu(xb + i);
+              const Vec r = at::vec::fmadd(Vec::loadu(gb + i), Vec::loadu(sv + i), gelu_vec(xv) * Vec::loadu(tv + i));
+              (r * gelu_grad_vec(xv)).store(xb + i);
+            }
+            for (int64_t i = 0; i < n; ++i) orow[c0 + i] = scalar_t(xb[i]);
           }
         } else {
           int64_t c = 0;
@@ -369,6 +413,9 @@ at::Tensor grn_apply_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_i
 }
 
 }  // namespace
+
+const char* cpu_isa() { return WF_CPU_ISA; }
+
 }  // namespace wf
 
 TORCH_LIBRARY_IMPL(wuerstchen_fast_C, CPU, m) {

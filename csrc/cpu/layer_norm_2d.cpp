@@ -14,6 +14,8 @@
 // sum over C = 1280 channels is ~50x less accurate than torch's own LayerNorm; the loop is memory
 // bound, so the wider accumulator costs little), per-element math is float32.
 // Parallel over (batch, pixel tile) with at::parallel_for.
+#include "isa.h"  // first: the instruction set of this file
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
