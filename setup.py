@@ -12,6 +12,7 @@ Install into an environment that already has torch (2.6 or newer):
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,21 @@ def find_cuda_home() -> str | None:
         if c and any((Path(c) / lib).glob("libcudart.so*") for lib in ("lib64", "lib")) and (Path(c) / "bin" / "nvcc").exists():
             return c
     return None
+
+
+def cpu_isa_flags() -> tuple[str, list[str]]:
+    """(name, C++ flags) of the CPU kernels' instruction set; csrc/cpu/isa.h says why.
+
+    x86-64 builds AVX2 + FMA + F16C with ATen's AVX2 vector code; WUERSTCHEN_FAST_CPU_ISA=baseline
+    builds the generic code (any CPU); other architectures always build the baseline.
+    """
+    x86 = platform.machine().lower() in ("x86_64", "amd64") and os.name != "nt"
+    isa = os.environ.get("WUERSTCHEN_FAST_CPU_ISA") or ("avx2" if x86 else "baseline")
+    if isa == "baseline":
+        return isa, []
+    if isa == "avx2" and x86:
+        return isa, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    raise SystemExit(f"WUERSTCHEN_FAST_CPU_ISA={isa!r}: expected 'baseline', or 'avx2' on x86-64")
 
 
 def read_sources() -> list[str]:
@@ -83,13 +99,14 @@ def extensions():
                                  cuda_archs=archs if with_cuda else "",
                                  cuda_version=torch.version.cuda if with_cuda else "")
     macros = [("WF_WITH_CUDA", None)] if with_cuda else []
-    cxx = ["-O3"]
+    isa, isa_flags = cpu_isa_flags()
+    cxx = ["-O3", *isa_flags]
     extra = {"cxx": cxx}
     if with_cuda:
         extra["nvcc"] = ["-O3", "-lineinfo"]
     ext_cls = CUDAExtension if with_cuda else CppExtension
     print(f"wuerstchen_fast: building _C with CUDA={'yes (archs ' + archs + ')' if with_cuda else 'no'}; "
-          f"{len(sources)} sources")
+          f"CPU kernels for {isa}; {len(sources)} sources")
     ext = ext_cls("wuerstchen_fast._C", sources=sources, define_macros=macros,
                   extra_compile_args=extra, include_dirs=[str(ROOT / "csrc"), str(generated)])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

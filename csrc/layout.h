@@ -37,4 +37,13 @@ inline void check_float_dtype(const at::Tensor& x, const char* op) {
               ": supports float32, bfloat16 and float16, got ", dt);
 }
 
+// `other` (a gradient) checked against x's shape and dtype, in the given layout.
+inline at::Tensor like_x(const at::Tensor& other, const at::Tensor& x, Layout layout, const char* op,
+                         const char* name) {
+  TORCH_CHECK(other.sizes() == x.sizes() && other.scalar_type() == x.scalar_type(), op, ": ", name,
+              " must match x in shape and dtype; got ", other.sizes(), " ", other.scalar_type(), ", x is ",
+              x.sizes(), " ", x.scalar_type());
+  return in_layout(other, layout);
+}
+
 }  // namespace wf

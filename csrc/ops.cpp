@@ -16,6 +16,18 @@ TORCH_LIBRARY(wuerstchen_fast_C, m) {
   // dx for layer_norm_2d; recomputes the per-pixel mean and rstd from x (one extra read of x
   // instead of storing two statistics per pixel).
   m.def("layer_norm_2d_backward(Tensor grad, Tensor x, float eps) -> Tensor");
+  // Stage A's norm_mod: layer_norm_2d(x, eps) * (1 + scale) + shift, scale and shift 0-d tensors.
+  m.def("norm_mod(Tensor x, Tensor scale, Tensor shift, float eps) -> Tensor");
+  // (dx, dscale, dshift) of norm_mod, recomputing the statistics from x; dscale, dshift 0-d in
+  // scale's dtype (accumulated in float64).
+  m.def("norm_mod_backward(Tensor grad, Tensor x, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
+  // Stage A's mixing_dwconv: x + (depthwise3x3(replication_pad(xn, 1)) + bias) * gamma; weight
+  // (C, 1, 3, 3), bias (C), gamma 0-d. Output in x's layout (contiguous or channels-last).
+  m.def("mixing_dwconv(Tensor x, Tensor xn, Tensor weight, Tensor bias, Tensor gamma) -> Tensor");
+  // (dxn, dweight, dbias, dgamma) of mixing_dwconv (dx is grad itself); parameter gradients in their
+  // parameters' dtypes, reduced in float64.
+  m.def("mixing_dwconv_backward(Tensor grad, Tensor xn, Tensor weight, Tensor bias, Tensor gamma) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   // y = x * (1 + a) + b, a and b (B, C) broadcast over H, W (TimestepBlock's modulation).
   m.def("modulate(Tensor x, Tensor a, Tensor b) -> Tensor");
   // (dx, da, db) of modulate; da, db in a's dtype (accumulated in float64).
@@ -33,6 +45,10 @@ TORCH_LIBRARY(wuerstchen_fast_C, m) {
   m.def("grn_apply_backward(Tensor x, Tensor dy, Tensor scale, Tensor t, bool gelu) -> Tensor");
 }
 
+namespace wf {
+const char* cpu_isa();  // csrc/cpu/fused_elementwise.cpp: the instruction set of the CPU kernels (isa.h)
+}  // namespace wf
+
 namespace {
 
 pybind11::dict build_info() {
@@ -46,6 +62,7 @@ pybind11::dict build_info() {
 #endif
   d["cuda_version"] = WF_CUDA_VERSION;
   d["cuda_archs"] = WF_CUDA_ARCHS;
+  d["cpu_isa"] = wf::cpu_isa();
   return d;
 }
 

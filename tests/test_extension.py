@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from wuerstchen_fast._extension import build_info
@@ -47,5 +48,29 @@ def test_build_info_records_torch_cuda_and_revision():
     assert info is not None, "CI builds the extension; it must load"
     assert info["torch_version"] == torch.__version__
     assert info["git_revision"]
+    assert info["cpu_isa"] in ("avx2", "baseline")  # csrc/cpu/isa.h
     if info["with_cuda"]:
         assert info["cuda_archs"] and info["cuda_version"] == torch.version.cuda
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda C: C.modulate(torch.randn(2, 3, 4, 4), torch.zeros(2, 4), torch.zeros(2, 3)),
+     r"modulate: a must have shape \(2, 3\)"),
+    (lambda C: C.modulate_backward(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 4), torch.zeros(2, 3)),
+     "modulate_backward: grad must match x in shape and dtype"),
+    (lambda C: C.layer_norm_2d_backward(torch.randn(1, 3, 4, 4).half(), torch.randn(1, 3, 4, 4), 1e-6),
+     "layer_norm_2d_backward: grad must match x"),
+    (lambda C: C.ddpm_step(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.rand(3), torch.rand(1),
+                           torch.randn(2, 4, 3, 3), 1.0, "eps", 0.008, 1.0), "ddpm_step: t needs 1 or B values"),
+    (lambda C: C.ddpm_step(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.rand(1), torch.rand(1),
+                           torch.randn(2, 4, 3, 3), 1.0, "v", 0.008, 1.0), "unknown model head 'v'"),
+    (lambda C: C.grn_colsum(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 7), False), "grn_colsum: dy must match x"),
+    (lambda C: C.grn_apply(torch.randn(1, 2, 2, 8), torch.ones(1, 8), torch.zeros(7), False),
+     "grn_apply: beta needs 8 elements"),
+])
+def test_extension_ops_reject_bad_arguments_with_the_shared_messages(call, message):
+    """The argument checks live once in csrc/fused_host.h and csrc/layout.h; CPU and CUDA entry points share them."""
+    if build_info() is None:
+        pytest.fail("CI builds the extension; it must load")
+    with pytest.raises(RuntimeError, match=message):
+        call(torch.ops.wuerstchen_fast_C)

@@ -142,3 +142,43 @@ def test_fp64_gradcheck_references():
     a = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
     xm = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: modulate(*t, backend="torch"), (xm, a, a.detach().clone().requires_grad_()))
+
+
+# ------------------------------------------------------------------- the extension's folded GELU
+# The ResBlock feeds GRN the pre-activation and lets the extension apply GELU inside its kernels
+# (gelu=True; on the CPU vectorised with at::vec erf/exp). Each kernel against GELU-then-kernel math:
+# exact in float64, eager = PyTorch's F.gelu and arithmetic in the same dtype.
+EXT_BACKENDS = [b for b in ("cpu", "cuda") if b in _backends("grn")]
+
+
+@pytest.mark.parametrize("backend", EXT_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 70), (1, 1, 1, 13), (1, 4, 4, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_ext_gelu_folded_kernels(backend, dtype, shape):
+    C_ = torch.ops.wuerstchen_fast_C
+    g = torch.Generator().manual_seed(3)
+    B, C = shape[0], shape[3]
+    x = (torch.randn(shape, generator=g) * 2).to(DEVICE, dtype)
+    dy = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    sc, t = (torch.randn(B, C, generator=g).to(DEVICE) for _ in range(2))
+    beta = torch.randn(C, generator=g).to(DEVICE)
+    rows = lambda v: v.reshape(B, 1, 1, C)  # noqa: E731  (per-(b, c) parameters over the pixels)
+
+    def gelu_and_grad(v):
+        v = v.detach().requires_grad_(True)
+        y = torch.nn.functional.gelu(v)
+        return y.detach(), torch.autograd.grad(y, v, torch.ones_like(y))[0]
+
+    (ge, gpe), (gx, gpx) = gelu_and_grad(x), gelu_and_grad(x.double())
+    what = f"{backend} {dtype} {shape}"
+    assert_close_to_reference(C_.grn_apply(x, sc, beta, True), (ge * rows(sc).to(dtype) + beta.to(dtype)),
+                              gx * rows(sc).double() + beta.double(), what + " grn_apply")
+    assert_close_to_reference(
+        C_.grn_apply_backward(x, dy, sc, t, True), (dy * rows(sc).to(dtype) + ge * rows(t).to(dtype)) * gpe,
+        (dy.double() * rows(sc).double() + gx * rows(t).double()) * gpx, what + " grn_apply_backward")
+    sumsq, _ = C_.grn_colsum(x, None, True)
+    assert_close_to_reference(sumsq.float(), (ge.float() ** 2).sum((1, 2)), (gx ** 2).sum((1, 2)), what + " colsum")
+    ps, dsum = C_.grn_colsum(x, dy, True)
+    assert_close_to_reference(ps.float(), (dy.float() * ge.float()).sum((1, 2)), (dy.double() * gx).sum((1, 2)),
+                              what + " colsum dy")
+    torch.testing.assert_close(dsum.cpu(), dy.double().sum((0, 1, 2)).cpu(), rtol=1e-12, atol=1e-12)  # float64 sums

@@ -5,9 +5,12 @@
 // Layouts: the (B, C, H, W) ops index NCHW or NHWC directly (csrc/layout.h; anything else is copied
 // to NCHW first) with the innermost loop over the contiguous axis (H*W pixels for NCHW, C channels
 // for NHWC) written with at::vec::Vectorized<float> so it vectorises; GRN operands are (B, H, W, C)
-// row-major (channels innermost). Per-element math float32; reductions (modulate's da, db; GRN's
+// row-major (channels innermost); GELU and GELU' run on whole vectors too (at::vec erf/exp, see
+// csrc/cpu/isa.h), over row tiles padded to a multiple of the vector width. Per-element math float32; reductions (modulate's da, db; GRN's
 // Σv², Σdy·v, Σdy) accumulate in float64 (modulate NCHW: float32 over 4 vectors, then float64), as the
 // Triton kernels keep them in float64. Parallel over independent rows/column tiles (at::parallel_for).
+#include "isa.h"  // first: the instruction set of this file (AVX2 on x86-64)
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -47,6 +50,32 @@ inline void st(T* p, const Vec& v) {
   }
 }
 
+// GELU(x) = ½x(1 + erf(x/√2)) and its derivative ½(1 + erf(x/√2)) + x·φ(x), lane-wise (fused_common.h's
+// gelu / gelu_grad, vectorised: the erf and exp of the CPU capability, as eager F.gelu uses).
+inline Vec gelu_vec(const Vec& x) {
+  return Vec(0.5f) * x * (Vec(1.f) + (x * Vec(kSqrt1_2)).erf());
+}
+inline Vec gelu_grad_vec(const Vec& x) {
+  const Vec cdf = Vec(0.5f) * (Vec(1.f) + (x * Vec(kSqrt1_2)).erf());
+  return at::vec::fmadd(x * Vec(kInvSqrt2Pi), (Vec(-0.5f) * x * x).exp(), cdf);
+}
+
+// out[0, n) = float(x[0, n)), zero-padded to a whole number of vectors; returns the padded length.
+template <typename T>
+inline int64_t load_padded(const T* x, float* out, int64_t n) {
+  const int64_t np = (n + VL - 1) / VL * VL;
+  for (int64_t i = 0; i < n; ++i) out[i] = float(x[i]);
+  for (int64_t i = n; i < np; ++i) out[i] = 0.f;
+  return np;
+}
+
+// v[0, n) = GELU(x[0, n)) as float32 (n <= CT); every lane, tail included, takes the vector path.
+template <typename T>
+inline void gelu_tile(const T* x, float* v, int64_t n) {
+  const int64_t np = load_padded(x, v, n);
+  for (int64_t i = 0; i < np; i += VL) gelu_vec(Vec::loadu(v + i)).store(v + i);
+}
+
 // ------------------------------------------------------------------------------------ modulate
 // y = x * A + Bv along n contiguous elements; A, Bv either scalars (NCHW row) or arrays (NHWC row).
 template <typename TI, typename T>
@@ -63,11 +92,11 @@ inline void axpb_row(const TI* x, T* y, int64_t n, const float* A, const float* 
 }
 
 at::Tensor modulate_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::Tensor& b) {
-  check_float_dtype(x_in, "modulate");
-  const Dense d = as_dense(x_in);
+  const ModulateArgs m = modulate_args(x_in, a, &b, "modulate");
+  const Dense& d = m.d;
   const at::Tensor& x = d.t;
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const at::Tensor A = bc_float(a, B, C, "modulate: a").add(1.0), Bv = bc_float(b, B, C, "modulate: b");
+  const int64_t B = m.B, C = m.C, HW = m.HW;
+  const at::Tensor &A = m.A, &Bv = m.Bv;
   at::Tensor y = empty_in_layout(x, d.layout);
   if (x.numel() == 0) return y;
   const float *pa = A.const_data_ptr<float>(), *pb = Bv.const_data_ptr<float>();
@@ -92,14 +121,12 @@ at::Tensor modulate_cpu(const at::Tensor& x_in, const at::Tensor& a, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modulate_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in,
                                                                      const at::Tensor& a) {
-  check_float_dtype(x_in, "modulate_backward");
-  TORCH_CHECK(grad.sizes() == x_in.sizes() && grad.scalar_type() == x_in.scalar_type(),
-              "modulate_backward: grad must match x in shape and dtype");
-  const Dense d = as_dense(x_in);
+  const ModulateArgs m = modulate_args(x_in, a, nullptr, "modulate_backward");
+  const Dense& d = m.d;
   const at::Tensor& x = d.t;
-  const at::Tensor g = in_layout(grad, d.layout);
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const at::Tensor A = bc_float(a, B, C, "modulate_backward: a").add(1.0);
+  const at::Tensor g = like_x(grad, x, d.layout, "modulate_backward", "grad");
+  const int64_t B = m.B, C = m.C, HW = m.HW;
+  const at::Tensor& A = m.A;
   at::Tensor dx = empty_in_layout(x, d.layout);
   at::Tensor da = at::zeros({B, C}, x.options().dtype(at::kDouble)), db = at::zeros({B, C}, da.options());
   if (x.numel() > 0) {
@@ -180,28 +207,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulate_backward_cpu(const at::T
 at::Tensor ddpm_step_cpu(const at::Tensor& x_in, const at::Tensor& model_out, const at::Tensor& t,
                          const at::Tensor& t_prev, const at::Tensor& noise, double guidance, c10::string_view head_s,
                          double s, double scaler) {
-  check_float_dtype(x_in, "ddpm_step");
-  const int head = head_index(std::string(head_s));
-  const Dense d = as_dense(x_in);
+  const DdpmArgs args = ddpm_args(x_in, model_out, t, t_prev, noise, head_s, s, scaler);
+  const Dense& d = args.d;
   const at::Tensor& x = d.t;
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t Co = head == 0 ? C : 2 * C;
-  TORCH_CHECK(model_out.dim() == 4 && (model_out.size(0) == B || model_out.size(0) == 2 * B) &&
-                  model_out.size(1) == Co && model_out.size(2) == x.size(2) && model_out.size(3) == x.size(3),
-              "ddpm_step: model_out has shape ", model_out.sizes(), ", expected (", B, " or ", 2 * B, ", ", Co,
-              ", H, W)");
-  TORCH_CHECK(noise.sizes() == x.sizes(), "ddpm_step: noise must have x's shape");
-  TORCH_CHECK(t.numel() == 1 || t.numel() == B, "ddpm_step: t needs 1 or B values");
-  TORCH_CHECK(t_prev.numel() == 1 || t_prev.numel() == B, "ddpm_step: t_prev needs 1 or B values");
-  const bool cfg = model_out.size(0) == 2 * B;
-  const at::Tensor o = in_layout(model_out.to(x.scalar_type()), d.layout);
-  const at::Tensor z = in_layout(noise.to(x.scalar_type()), d.layout);
-  const at::Tensor tt = t.reshape(-1).to(at::kFloat).contiguous(), tp = t_prev.reshape(-1).to(at::kFloat).contiguous();
-  const Schedule q = make_schedule(s, scaler);
+  const int head = args.head;
+  const bool cfg = args.cfg;
+  const int64_t B = args.B, C = args.C, HW = args.HW, Co = args.Co;
+  const at::Tensor &o = args.o, &z = args.z, &tt = args.t, &tp = args.tp;
   std::vector<StepCoef> coef(B);
   for (int64_t b = 0; b < B; ++b)
-    coef[b] = step_coef<double>(tt.const_data_ptr<float>()[t.numel() == 1 ? 0 : b],
-                                tp.const_data_ptr<float>()[t_prev.numel() == 1 ? 0 : b], q);
+    coef[b] = step_coef<double>(tt.const_data_ptr<float>()[tt.numel() == 1 ? 0 : b],
+                                tp.const_data_ptr<float>()[tp.numel() == 1 ? 0 : b], args.q);
   at::Tensor y = empty_in_layout(x, d.layout);
   if (x.numel() == 0) return y;
   const bool nchw = d.layout == Layout::NCHW;
@@ -264,18 +280,23 @@ void colsum_impl(const T* x, const T* dy, double* out, double* out_dy, int64_t B
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / ct, c0 = (task % ct) * CT, n = std::min(CT, C - c0);
       double s1[CT] = {0}, s2[CT] = {0};
+      alignas(64) float vb[CT];
       for (int64_t p0 = 0; p0 < P; p0 += 64) {
         double f1[CT] = {0}, f2[CT] = {0};
         for (int64_t p = p0; p < std::min(P, p0 + 64); ++p) {
           const int64_t off = (b * P + p) * C + c0;
           const T* xr = x + off;
+          if (gelu_on) {
+            gelu_tile(xr, vb, n);
+          } else {
+            for (int64_t i = 0; i < n; ++i) vb[i] = float(xr[i]);
+          }
           if (!dy) {
-            if (gelu_on) for (int64_t i = 0; i < n; ++i) { const double v = gelu(float(xr[i])); f1[i] += v * v; }
-            else for (int64_t i = 0; i < n; ++i) { const double v = float(xr[i]); f1[i] += v * v; }
+            for (int64_t i = 0; i < n; ++i) { const double v = vb[i]; f1[i] += v * v; }
           } else {
             const T* gr = dy + off;
             for (int64_t i = 0; i < n; ++i) {
-              const double v = gelu_on ? gelu(float(xr[i])) : float(xr[i]), g = float(gr[i]);
+              const double v = vb[i], g = float(gr[i]);
               f1[i] += g * v;
               f2[i] += g;
             }
@@ -301,11 +322,7 @@ std::tuple<at::Tensor, at::Tensor> grn_colsum_cpu(const at::Tensor& x_in, const 
                                                   bool gelu_on) {
   const at::Tensor x = rows4(x_in, "grn_colsum");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
-  at::Tensor dy;
-  if (dy_in.has_value()) {
-    TORCH_CHECK(dy_in->sizes() == x.sizes() && dy_in->scalar_type() == x.scalar_type(), "grn_colsum: dy must match x");
-    dy = dy_in->contiguous();
-  }
+  const at::Tensor dy = dy_in.has_value() ? grn_dy(*dy_in, x, "grn_colsum") : at::Tensor();
   at::Tensor out = at::zeros({B, C}, x.options().dtype(at::kDouble));
   at::Tensor out_dy = at::zeros({dy.defined() ? C : 1}, out.options());
   if (x.numel() == 0) return {out, out_dy};
@@ -322,8 +339,8 @@ at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
   const at::Tensor x = rows4(x_in, "grn_apply");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
   const at::Tensor sc = bc_float(scale, B, C, "grn_apply: scale");
-  const at::Tensor bt = beta.has_value() ? beta->reshape(-1).to(at::kFloat).contiguous() : at::zeros({C}, sc.options());
-  TORCH_CHECK(bt.numel() == C, "grn_apply: beta needs ", C, " elements");
+  at::Tensor bt = grn_beta(beta, C);
+  if (!bt.defined()) bt = at::zeros({C}, sc.options());
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   const float *ps = sc.const_data_ptr<float>(), *pb = bt.const_data_ptr<float>();
@@ -331,7 +348,7 @@ at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * P, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
-      float buf[CT];
+      alignas(64) float buf[CT];
       for (int64_t r = r0; r < r1; ++r) {
         const float* sb = ps + (r / P) * C;
         const scalar_t* xr = xp + r * C;
@@ -342,7 +359,7 @@ at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
         }
         for (int64_t c0 = 0; c0 < C; c0 += CT) {
           const int64_t n = std::min(CT, C - c0);
-          for (int64_t i = 0; i < n; ++i) buf[i] = gelu(float(xr[c0 + i]));
+          gelu_tile(xr + c0, buf, n);
           axpb_row(buf, yr + c0, n, sb + c0, pb + c0, true, 0.f, 0.f);
         }
       }
@@ -354,8 +371,7 @@ at::Tensor grn_apply_cpu(const at::Tensor& x_in, const at::Tensor& scale, const 
 at::Tensor grn_apply_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, const at::Tensor& scale,
                                   const at::Tensor& t, bool gelu_on) {
   const at::Tensor x = rows4(x_in, "grn_apply_backward");
-  TORCH_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(), "grn_apply_backward: dy must match x");
-  const at::Tensor dy = dy_in.contiguous();
+  const at::Tensor dy = grn_dy(dy_in, x, "grn_apply_backward");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
   const at::Tensor sc = bc_float(scale, B, C, "grn_apply_backward: scale"), tc = bc_float(t, B, C, "grn_apply_backward: t");
   at::Tensor dx = at::empty_like(x);
@@ -365,14 +381,24 @@ at::Tensor grn_apply_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_i
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = dy.const_data_ptr<scalar_t>();
     scalar_t* op = dx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * P, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      alignas(64) float xb[CT], gb[CT], sv[CT], tv[CT];
       for (int64_t r = r0; r < r1; ++r) {
         const float *sb = ps + (r / P) * C, *tb = pt + (r / P) * C;
         const scalar_t *xr = xp + r * C, *gr = gp + r * C;
         scalar_t* orow = op + r * C;
-        if (gelu_on) {
-          for (int64_t c = 0; c < C; ++c) {
-            const float xv = float(xr[c]);
-            orow[c] = scalar_t((float(gr[c]) * sb[c] + gelu(xv) * tb[c]) * gelu_grad(xv));
+        if (gelu_on) {  // (dy·s + GELU(x)·t)·GELU'(x), a tile of CT channels at a time
+          for (int64_t c0 = 0; c0 < C; c0 += CT) {
+            const int64_t n = std::min(CT, C - c0);
+            const int64_t np = load_padded(xr + c0, xb, n);
+            load_padded(gr + c0, gb, n);
+            for (int64_t i = 0; i < n; ++i) { sv[i] = sb[c0 + i]; tv[i] = tb[c0 + i]; }
+            for (int64_t i = n; i < np; ++i) { sv[i] = 0.f; tv[i] = 0.f; }
+            for (int64_t i = 0; i < np; i += VL) {
+              const Vec xv = Vec::loadu(xb + i);
+              const Vec r = at::vec::fmadd(Vec::loadu(gb + i), Vec::loadu(sv + i), gelu_vec(xv) * Vec::loadu(tv + i));
+              (r * gelu_grad_vec(xv)).store(xb + i);
+            }
+            for (int64_t i = 0; i < n; ++i) orow[c0 + i] = scalar_t(xb[i]);
           }
         } else {
           int64_t c = 0;
@@ -387,6 +413,9 @@ at::Tensor grn_apply_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_i
 }
 
 }  // namespace
+
+const char* cpu_isa() { return WF_CPU_ISA; }
+
 }  // namespace wf
 
 TORCH_LIBRARY_IMPL(wuerstchen_fast_C, CPU, m) {

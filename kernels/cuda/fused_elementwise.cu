@@ -152,12 +152,12 @@ void launch_colsum(const T* x, const T* g, const float* A, T* dx, double* s1, do
 }
 
 at::Tensor modulate_cuda(const at::Tensor& x_in, const at::Tensor& a, const at::Tensor& b) {
-  check_float_dtype(x_in, "modulate");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Dense d = as_dense(x_in);
+  const ModulateArgs m = modulate_args(x_in, a, &b, "modulate");
+  const Dense& d = m.d;
   const at::Tensor& x = d.t;
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), n = x.numel();
-  const at::Tensor A = bc_float(a, B, C, "modulate: a").add(1.0), Bv = bc_float(b, B, C, "modulate: b");
+  const int64_t C = m.C, HW = m.HW, n = x.numel();
+  const at::Tensor &A = m.A, &Bv = m.Bv;
   at::Tensor y = empty_in_layout(x, d.layout);
   if (n == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -184,15 +184,13 @@ at::Tensor modulate_cuda(const at::Tensor& x_in, const at::Tensor& a, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modulate_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in,
                                                                       const at::Tensor& a) {
-  check_float_dtype(x_in, "modulate_backward");
-  TORCH_CHECK(grad.sizes() == x_in.sizes() && grad.scalar_type() == x_in.scalar_type(),
-              "modulate_backward: grad must match x in shape and dtype");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Dense d = as_dense(x_in);
+  const ModulateArgs m = modulate_args(x_in, a, nullptr, "modulate_backward");
+  const Dense& d = m.d;
   const at::Tensor& x = d.t;
-  const at::Tensor g = in_layout(grad, d.layout);
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const at::Tensor A = bc_float(a, B, C, "modulate_backward: a").add(1.0);
+  const at::Tensor g = like_x(grad, x, d.layout, "modulate_backward", "grad");
+  const int64_t B = m.B, C = m.C, HW = m.HW;
+  const at::Tensor& A = m.A;
   at::Tensor dx = empty_in_layout(x, d.layout);
   at::Tensor da = at::zeros({B, C}, x.options().dtype(at::kDouble)), db = at::zeros({B, C}, da.options());
   if (x.numel() > 0) {
@@ -242,25 +240,15 @@ ddpm_kernel(const T* __restrict__ x, const T* __restrict__ o, const T* __restric
 at::Tensor ddpm_step_cuda(const at::Tensor& x_in, const at::Tensor& model_out, const at::Tensor& t,
                           const at::Tensor& t_prev, const at::Tensor& noise, double guidance, c10::string_view head_s,
                           double s, double scaler) {
-  check_float_dtype(x_in, "ddpm_step");
-  const int head = head_index(std::string(head_s));
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Dense d = as_dense(x_in);
+  const DdpmArgs args = ddpm_args(x_in, model_out, t, t_prev, noise, head_s, s, scaler);
+  const Dense& d = args.d;
   const at::Tensor& x = d.t;
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t Co = head == 0 ? C : 2 * C;
-  TORCH_CHECK(model_out.dim() == 4 && (model_out.size(0) == B || model_out.size(0) == 2 * B) &&
-                  model_out.size(1) == Co && model_out.size(2) == x.size(2) && model_out.size(3) == x.size(3),
-              "ddpm_step: model_out has shape ", model_out.sizes(), ", expected (", B, " or ", 2 * B, ", ", Co, ", H, W)");
-  TORCH_CHECK(noise.sizes() == x.sizes(), "ddpm_step: noise must have x's shape");
-  TORCH_CHECK(t.numel() == 1 || t.numel() == B, "ddpm_step: t needs 1 or B values");
-  TORCH_CHECK(t_prev.numel() == 1 || t_prev.numel() == B, "ddpm_step: t_prev needs 1 or B values");
-  const bool cfg = model_out.size(0) == 2 * B;
-  const at::Tensor o = in_layout(model_out.to(x.scalar_type()), d.layout);
-  const at::Tensor z = in_layout(noise.to(x.scalar_type()), d.layout);
-  const at::Tensor tt = t.reshape(-1).to(x.device(), at::kFloat).contiguous();
-  const at::Tensor tp = t_prev.reshape(-1).to(x.device(), at::kFloat).contiguous();
-  const Schedule q = make_schedule(s, scaler);
+  const int head = args.head;
+  const bool cfg = args.cfg;
+  const int64_t B = args.B, C = args.C, HW = args.HW;
+  const at::Tensor &o = args.o, &z = args.z, &tt = args.t, &tp = args.tp;
+  const Schedule q = args.q;
   at::Tensor y = empty_in_layout(x, d.layout);
   const int64_t n = x.numel();
   if (n == 0) return y;
@@ -354,11 +342,7 @@ std::tuple<at::Tensor, at::Tensor> grn_colsum_cuda(const at::Tensor& x_in, const
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows4(x_in, "grn_colsum");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
-  at::Tensor dy;
-  if (dy_in.has_value()) {
-    TORCH_CHECK(dy_in->sizes() == x.sizes() && dy_in->scalar_type() == x.scalar_type(), "grn_colsum: dy must match x");
-    dy = dy_in->contiguous();
-  }
+  const at::Tensor dy = dy_in.has_value() ? grn_dy(*dy_in, x, "grn_colsum") : at::Tensor();
   at::Tensor out = at::zeros({B, C}, x.options().dtype(at::kDouble));
   at::Tensor out_dy = at::zeros({dy.defined() ? C : 1}, out.options());
   if (x.numel() == 0) return {out, out_dy};
@@ -384,11 +368,7 @@ at::Tensor grn_apply_cuda(const at::Tensor& x_in, const at::Tensor& scale, const
   const at::Tensor x = rows4(x_in, "grn_apply");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
   const at::Tensor sc = bc_float(scale, B, C, "grn_apply: scale");
-  at::Tensor bt;
-  if (beta.has_value()) {
-    bt = beta->reshape(-1).to(at::kFloat).contiguous();
-    TORCH_CHECK(bt.numel() == C, "grn_apply: beta needs ", C, " elements");
-  }
+  const at::Tensor bt = grn_beta(beta, C);
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -412,8 +392,7 @@ at::Tensor grn_apply_backward_cuda(const at::Tensor& x_in, const at::Tensor& dy_
                                    const at::Tensor& t, bool gelu_on) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows4(x_in, "grn_apply_backward");
-  TORCH_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(), "grn_apply_backward: dy must match x");
-  const at::Tensor dy = dy_in.contiguous();
+  const at::Tensor dy = grn_dy(dy_in, x, "grn_apply_backward");
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
   const at::Tensor sc = bc_float(scale, B, C, "grn_apply_backward: scale"), tc = bc_float(t, B, C, "grn_apply_backward: t");
   at::Tensor dx = at::empty_like(x);

@@ -174,11 +174,9 @@ at::Tensor layer_norm_2d_cuda(const at::Tensor& x_in, double eps) {
 
 at::Tensor layer_norm_2d_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, double eps) {
   check_float_dtype(x_in, "layer_norm_2d_backward");
-  TORCH_CHECK(grad.sizes() == x_in.sizes() && grad.scalar_type() == x_in.scalar_type(),
-              "layer_norm_2d_backward: grad must match x in shape and dtype");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Dense d = as_dense(x_in);
-  const at::Tensor g = in_layout(grad, d.layout);
+  const at::Tensor g = like_x(grad, d.t, d.layout, "layer_norm_2d_backward", "grad");
   at::Tensor dx = empty_in_layout(d.t, d.layout);
   launch<true>(g, d.t, dx, d.layout, eps);
   return dx;

@@ -7,7 +7,9 @@
 MixingResidualBlock runs it twice per block (before the depthwise conv and before the MLP); `scale`
 and `shift` are 0-d slices of its `gammas`, read by the kernel from device memory. The `torch`
 backend is the reference (bit-exact with diffusers' PaellaVQModel); Triton fuses the LayerNorm, the
-modulation and, in backward, the two scalar reductions. Double backward: reference path only.
+modulation and, in backward, the two scalar reductions; the `cpu` backend is the compiled extension's
+LayerNorm (csrc/cpu/layer_norm_2d.cpp) with the modulation folded in. Double backward: reference
+path only.
 
 mixing_dwconv(x, xn, weight, bias, gamma) (second half of this file): x + depthwise(xn)·gamma, the
 replication-padded 3x3 depthwise conv + bias + gamma scale + residual that follows norm_mod.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .._extension import extension
 from . import backends as bk
 from . import reference, registry
 from .layout import empty_out_like
@@ -49,8 +52,16 @@ def _triton_bwd(grad, x, scale, eps):
     return dx, ds.to(scale.dtype), dt.to(scale.dtype)
 
 
-_FWD = {"torch": _torch_fwd, "triton": _triton_fwd}
-_BWD = {"torch": _torch_bwd, "triton": _triton_bwd}
+def _ext_fwd(x, scale, shift, eps):  # the C++ op (CPU kernel only so far)
+    return torch.ops.wuerstchen_fast_C.norm_mod(x, scale, shift, eps)
+
+
+def _ext_bwd(grad, x, scale, eps):
+    return torch.ops.wuerstchen_fast_C.norm_mod_backward(grad, x, scale, eps)
+
+
+_FWD = {"torch": _torch_fwd, "triton": _triton_fwd, "cpu": _ext_fwd}
+_BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "cpu": _ext_bwd}
 
 
 @torch.library.custom_op("wuerstchen_fast::norm_mod", mutates_args=())
@@ -88,6 +99,11 @@ def _backward(ctx, grad):
 
 norm_mod_op.register_autograd(_backward, setup_context=_setup_context)
 
+if extension() is not None and hasattr(torch.ops.wuerstchen_fast_C, "norm_mod"):
+    torch.library.register_fake("wuerstchen_fast_C::norm_mod")(lambda x, s, t, eps: empty_out_like(x))
+    torch.library.register_fake("wuerstchen_fast_C::norm_mod_backward")(
+        lambda g, x, s, eps: (empty_out_like(x), s.new_empty(()), s.new_empty(())))
+
 
 # ------------------------------------------------------------------------------ registry entry
 
@@ -97,6 +113,21 @@ def _check_torch(x, scale, shift, eps=1e-6):
 
 def _check_triton(x, scale, shift, eps=1e-6):
     return _check_torch(x, scale, shift) + bk.float_dtype(x, scale, shift) + bk.for_triton(x, scale, shift)
+
+
+def _check_ext(device):  # the extension's backends ("cpu" now; "cuda" once its kernels exist)
+    def check(x, scale, shift, eps=1e-6):
+        return _check_torch(x, scale, shift) + bk.float_dtype(x, scale, shift) + bk.on_device(device, x, scale, shift)
+    return check
+
+
+def _ext_available(device, op="norm_mod"):
+    def available():
+        r = bk.cpu_ext_available() if device == "cpu" else bk.cuda_ext_available()
+        if not r and not hasattr(torch.ops.wuerstchen_fast_C, op):
+            r = [f"wuerstchen_fast._C predates {op}; rebuild it (pip install --no-build-isolation -e .)"]
+        return r
+    return available
 
 
 def _samples(device="cpu"):
@@ -116,8 +147,12 @@ def _samples(device="cpu"):
 def _opcheck_cases(args, kwargs, backend):
     x, s, t, eps = args
     grad = torch.randn_like(x).detach()
-    return [(norm_mod_op, (x, s, t, eps, backend), {}),
-            (norm_mod_backward_op, (grad, x.detach(), s.detach(), eps, backend), {})]
+    cases = [(norm_mod_op, (x, s, t, eps, backend), {}),
+             (norm_mod_backward_op, (grad, x.detach(), s.detach(), eps, backend), {})]
+    if backend == "cpu":
+        cases += [(torch.ops.wuerstchen_fast_C.norm_mod.default, (x.detach(), s.detach(), t.detach(), eps), {}),
+                  (torch.ops.wuerstchen_fast_C.norm_mod_backward.default, (grad, x.detach(), s.detach(), eps), {})]
+    return cases
 
 
 SPEC = registry.OpSpec(
@@ -126,10 +161,13 @@ SPEC = registry.OpSpec(
     samples=_samples,
     opcheck_cases=_opcheck_cases,
     triton_modules=("wuerstchen_fast.kernels.triton.mixing",),
-    priority={"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    # cpu: the reference until bench/bench_ops_ext.py measures the extension faster on a quiet CPU.
+    priority={"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")},
 )
 SPEC.add(registry.Impl("torch", reference.mixing.norm_mod, _check_torch, lambda: []))
 SPEC.add(registry.Impl("triton", _triton_fwd, _check_triton, bk.triton_available))
+SPEC.add(registry.Impl("cpu", lambda x, s, t, eps=1e-6: norm_mod_op(x, s, t, eps, "cpu"), _check_ext("cpu"),
+                       _ext_available("cpu")))
 registry.register_op(SPEC)
 
 
@@ -149,7 +187,8 @@ def norm_mod(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: flo
 # x + depthwise(xn)·g: the replication-padded 3x3 depthwise conv + bias + gamma scale + residual that
 # follows norm_mod in MixingResidualBlock. One Triton kernel forward; backward one kernel for dxn (the
 # transposed conv with the pad's border fold) that also writes the per-tile sums dweight, dbias and
-# dgamma are reduced from; dx is the incoming gradient (the residual).
+# dgamma are reduced from; dx is the incoming gradient (the residual). The `cpu` backend is
+# csrc/cpu/mixing_dwconv.cpp (per-plane padded tiles, at::vec; dgamma from the dweight/dbias sums).
 
 def _dw_torch_fwd(x, xn, weight, bias, gamma):
     return empty_out_like(x).copy_(reference.mixing.dwconv_residual(x, xn, weight, bias, gamma))
@@ -176,8 +215,16 @@ def _dw_triton_bwd(grad, xn, weight, bias, gamma):
     return dxn, dw.to(weight.dtype), db.to(bias.dtype), dg.to(gamma.dtype)
 
 
-_DW_FWD = {"torch": _dw_torch_fwd, "triton": _dw_triton_fwd}
-_DW_BWD = {"torch": _dw_torch_bwd, "triton": _dw_triton_bwd}
+def _dw_ext_fwd(x, xn, weight, bias, gamma):
+    return torch.ops.wuerstchen_fast_C.mixing_dwconv(x, xn, weight, bias, gamma)
+
+
+def _dw_ext_bwd(grad, xn, weight, bias, gamma):
+    return torch.ops.wuerstchen_fast_C.mixing_dwconv_backward(grad, xn, weight, bias, gamma)
+
+
+_DW_FWD = {"torch": _dw_torch_fwd, "triton": _dw_triton_fwd, "cpu": _dw_ext_fwd}
+_DW_BWD = {"torch": _dw_torch_bwd, "triton": _dw_triton_bwd, "cpu": _dw_ext_bwd}
 
 
 @torch.library.custom_op("wuerstchen_fast::mixing_dwconv", mutates_args=())
@@ -217,6 +264,11 @@ def _dw_backward(ctx, grad):
 
 mixing_dwconv_op.register_autograd(_dw_backward, setup_context=_dw_setup_context)
 
+if extension() is not None and hasattr(torch.ops.wuerstchen_fast_C, "mixing_dwconv"):
+    torch.library.register_fake("wuerstchen_fast_C::mixing_dwconv")(lambda x, xn, w, b, g: empty_out_like(x))
+    torch.library.register_fake("wuerstchen_fast_C::mixing_dwconv_backward")(
+        lambda grad, xn, w, b, g: (empty_out_like(xn), torch.empty_like(w), torch.empty_like(b), g.new_empty(())))
+
 
 def _dw_check_torch(x, xn, weight, bias, gamma):
     r = bk.ndim(4, x, xn) + bk.ndim(0, gamma)
@@ -232,6 +284,11 @@ def _dw_check_triton(x, xn, weight, bias, gamma):
     if len({t.dtype for t in tensors}) > 1:
         r.append("needs every tensor in one dtype (cast the module with .to(dtype))")
     return r
+
+
+def _dw_check_cpu(x, xn, weight, bias, gamma):
+    tensors = (x, xn, weight, bias, gamma)
+    return _dw_check_torch(*tensors) + bk.float_dtype(*tensors) + bk.on_device("cpu", *tensors)
 
 
 def _dw_samples(device="cpu"):
@@ -251,8 +308,13 @@ def _dw_samples(device="cpu"):
 def _dw_opcheck_cases(args, kwargs, backend):
     x, xn, w, b, g = args
     grad = torch.randn_like(x).detach()
-    return [(mixing_dwconv_op, (x, xn, w, b, g, backend), {}),
-            (mixing_dwconv_backward_op, (grad, xn.detach(), w.detach(), b.detach(), g.detach(), backend), {})]
+    cases = [(mixing_dwconv_op, (x, xn, w, b, g, backend), {}),
+             (mixing_dwconv_backward_op, (grad, xn.detach(), w.detach(), b.detach(), g.detach(), backend), {})]
+    if backend == "cpu":
+        plain = tuple(t.detach() for t in (x, xn, w, b, g))
+        cases += [(torch.ops.wuerstchen_fast_C.mixing_dwconv.default, plain, {}),
+                  (torch.ops.wuerstchen_fast_C.mixing_dwconv_backward.default, (grad,) + plain[1:], {})]
+    return cases
 
 
 DW_SPEC = registry.OpSpec(
@@ -261,11 +323,14 @@ DW_SPEC = registry.OpSpec(
     samples=_dw_samples,
     opcheck_cases=_dw_opcheck_cases,
     triton_modules=("wuerstchen_fast.kernels.triton.mixing",),
-    priority={"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    # cpu: the reference until bench/bench_ops_ext.py measures the extension faster on a quiet CPU.
+    priority={"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")},
 )
 DW_SPEC.add(registry.Impl("torch", reference.mixing.dwconv_residual, _dw_check_torch, lambda: []))
 DW_SPEC.add(registry.Impl("triton", lambda x, xn, w, b, g: mixing_dwconv_op(x, xn, w, b, g, "triton"), _dw_check_triton,
                            bk.triton_available))
+DW_SPEC.add(registry.Impl("cpu", lambda x, xn, w, b, g: mixing_dwconv_op(x, xn, w, b, g, "cpu"), _dw_check_cpu,
+                           _ext_available("cpu", "mixing_dwconv")))
 registry.register_op(DW_SPEC)
 
 
