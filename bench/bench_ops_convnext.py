@@ -1,10 +1,10 @@
-"""ConvNeXt family per-op benches: grn, modulate, resblock (Stage C, with the folded modulation) and
+"""ConvNeXt family per-op benches: grn, modulate, dwconv_ln (depthwise conv + LayerNorm2d), resblock (Stage C, with the folded modulation) and
 resblock_stage_b, each at the released shapes, every provider (bench/README.md).
 
 Shapes (`released`, on a GPU, bfloat16): the Stage C block, c = 1536 at 24x24, batch 2 (CFG); the
 Stage B levels at 1024x1024 (batch 1: the decoder runs without guidance), 128²x320, 64²x640 (+ the
 1024-wide effnet skip), 32²x1280 (+ skip). grn runs on the blocks' 4c-wide hidden activations
-(channels-last), modulate on the block outputs.
+(channels-last), modulate and dwconv_ln on the block inputs/outputs.
 
 On a CPU (`small`, float32) the same layouts run scaled down (Stage C c = 256; Stage B 64²x32,
 32²x64, 16²x128 with a 64-wide skip) so the eager and compile rows keep the CPU suite short, and the
@@ -18,7 +18,7 @@ with fused Triton kernels around them; `triton-triton_gemm`: Triton GEMMs with f
 epilogues), so the registry's choice can be read off the table. Forward only.
 Counts: resblock FLOPs = the two GEMMs + the depthwise conv; bytes = the floor a fused block must
 move (x, skip, output, both weight matrices once); grn bytes = 3 passes over the hidden (two reads:
-statistics then scale, one write); modulate bytes = one read and one write.
+statistics then scale, one write); modulate and dwconv_ln bytes = one read and one write.
 """
 import os
 
@@ -78,6 +78,22 @@ def test_modulate(benchmark, measure, op_provider, n_input_sets, provider, shape
     with torch.no_grad():
         out = measure(benchmark, fn, sets, group=f"modulate fwd {_name(B, C, H, W)}", provider=provider,
                       baseline=provider == "eager", bytes=2 * numel * DTYPE.itemsize)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("shape", ALL, ids=IDS)
+@pytest.mark.parametrize("provider", OP_PROVIDERS)
+def test_dwconv_ln(benchmark, measure, op_provider, n_input_sets, provider, shape):
+    _, B, C, H, W, _ = shape
+    numel = B * C * H * W
+    sets = [(torch.randn(B, C, H, W, generator=_gen(i), device=DEVICE, dtype=DTYPE),
+             torch.randn(C, 1, 3, 3, generator=_gen(i), device=DEVICE, dtype=DTYPE) / 3,
+             torch.randn(C, generator=_gen(i), device=DEVICE, dtype=DTYPE) * 0.3)
+            for i in range(n_input_sets(numel * DTYPE.itemsize))]
+    fn = op_provider("dwconv_ln", provider, *sets[0])
+    with torch.no_grad():
+        out = measure(benchmark, fn, sets, group=f"dwconv_ln fwd {_name(B, C, H, W)}", provider=provider,
+                      baseline=provider == "eager", flops=2 * 9 * numel, bytes=2 * numel * DTYPE.itemsize)
     assert torch.isfinite(out).all()
 
 

@@ -43,6 +43,11 @@ TORCH_LIBRARY(wuerstchen_fast_C, m) {
   m.def("grn_apply(Tensor x, Tensor scale, Tensor? beta, bool gelu) -> Tensor");
   // (dy * scale + v * t) (* GELU'(x) when gelu), row-major (B, H, W, C) output.
   m.def("grn_apply_backward(Tensor x, Tensor dy, Tensor scale, Tensor t, bool gelu) -> Tensor");
+  // y = LayerNorm over C (no affine) of depthwise_conv3x3(x, weight (C, 1, 3, 3), zero pad 1) + bias;
+  // y channels-last, float32 accumulation.
+  m.def("dwconv_ln(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
+  // (dx channels-last, dweight, dbias) of dwconv_ln; recomputes the conv and the statistics from x.
+  m.def("dwconv_ln_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace wf {

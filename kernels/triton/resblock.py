@@ -218,14 +218,15 @@ def _ln_bwd_kernel(DXN, XN, RSTD, DD, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.c
         sg += tl.sum(g, axis=1)
         sgx += tl.sum(g * xn, axis=1)
     rstd = tl.load(RSTD + r, mask=rm, other=0.0)
-    mg = sg / C
-    mgx = sgx / C
+    # dd = rstd·g + kx·xn + k0 (kx = -rstd·mean(g·xn), k0 = -rstd·mean(g)): two roundings per value
+    kx = -rstd * (sgx / C)
+    k0 = -rstd * (sg / C)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         m = rm[:, None] & (c < C)[None, :]
         g = tl.load(DXN + row[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
         xn = tl.load(XN + row[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
-        dd = rstd[:, None] * (g - mg[:, None] - xn * mgx[:, None])
+        dd = tl.fma(rstd[:, None], g, tl.fma(kx[:, None], xn, k0[:, None]))
         tl.store(DD + row[:, None] + c[None, :], dd, mask=m)
 
 

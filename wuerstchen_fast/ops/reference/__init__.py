@@ -9,8 +9,8 @@ from .norm import layer_norm_2d
 from .ddpm import ddpm_step_fused
 from .mixing import norm_mod
 
-from .convnext import grn, resblock, resblock_stage_b
+from .convnext import dwconv_ln, grn, resblock, resblock_stage_b
 from .modulation import modulate
 from .attention import attn_block, multihead_attention
 
-__all__ = ["layer_norm_2d", "ddpm_step_fused", "norm_mod", "grn", "resblock", "resblock_stage_b", "modulate", "attn_block", "multihead_attention"]
+__all__ = ["layer_norm_2d", "ddpm_step_fused", "norm_mod", "dwconv_ln", "grn", "resblock", "resblock_stage_b", "modulate", "attn_block", "multihead_attention"]

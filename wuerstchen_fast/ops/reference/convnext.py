@@ -12,7 +12,17 @@ import torch.nn.functional as F
 
 from .norm import layer_norm_2d
 
-__all__ = ["grn", "resblock", "resblock_stage_b"]
+__all__ = ["dwconv_ln", "grn", "resblock", "resblock_stage_b"]
+
+
+def dwconv_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The blocks' `depthwise` Conv2d (groups = weight.shape[0], zero padding k // 2) + bias, then LayerNorm2d.
+
+    x (B, C_in, H, W) with C_in = C * weight.shape[1] (Stage C's ResBlock feeds cat[x, skip] here);
+    weight (C, C_in / C, k, k), bias (C,). Output (B, C, H, W), channels-last strided (LayerNorm2d's permutes).
+    """
+    k = weight.shape[-1]
+    return layer_norm_2d(F.conv2d(x, weight, bias, padding=k // 2, groups=weight.shape[0]), eps)
 
 
 def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -38,8 +48,7 @@ def resblock(x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout
     """Stage C ResBlock: depthwise(cat[x, skip]) -> LayerNorm2d -> channelwise MLP -> + x."""
     x_res = x
     h = torch.cat([x, x_skip], dim=1) if x_skip is not None else x
-    k = dw_weight.shape[-1]
-    h = layer_norm_2d(F.conv2d(h, dw_weight, dw_bias, padding=k // 2, groups=dw_weight.shape[0]), eps)
+    h = dwconv_ln(h, dw_weight, dw_bias, eps)
     h = _channelwise(h.permute(0, 2, 3, 1), w1, b1, gamma, beta, w2, b2, dropout, training).permute(0, 3, 1, 2)
     return h + x_res
 
@@ -48,8 +57,7 @@ def resblock_stage_b(x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2,
                      eps=1e-6):
     """Stage B ResBlock: depthwise(x) -> LayerNorm2d -> cat[., skip] -> channelwise MLP -> + x."""
     x_res = x
-    k = dw_weight.shape[-1]
-    h = layer_norm_2d(F.conv2d(x, dw_weight, dw_bias, padding=k // 2, groups=dw_weight.shape[0]), eps)
+    h = dwconv_ln(x, dw_weight, dw_bias, eps)
     if x_skip is not None:
         h = torch.cat([h, x_skip], dim=1)
     h = _channelwise(h.permute(0, 2, 3, 1), w1, b1, gamma, beta, w2, b2, dropout, training).permute(0, 3, 1, 2)
