@@ -46,14 +46,14 @@ def _run(fn, tensors, mod, grad, **kw):
     return out, torch.autograd.grad(out, leaves, grad)
 
 
-def _check(stage_b, variant, B, C, H, W, cs, dtype, layout="contiguous", with_mod=False):
+def _check(stage_b, variant, B, C, H, W, cs, dtype, layout="contiguous", with_mod=False, backend="triton"):
     fn = resblock_stage_b if stage_b else resblock
     tensors, mod, grad = _inputs(stage_b, B, C, H, W, cs, dtype, layout, with_mod)
     d64 = lambda ts: [t.double() if t is not None else None for t in ts] if ts else None  # noqa: E731
     ey, eg = _run(fn, d64(tensors), d64(mod), grad.double(), backend="torch")
     ry, rg = _run(fn, tensors, mod, grad, backend="torch")
-    oy, og = _run(fn, tensors, mod, grad, backend="triton", variant=variant)
-    what = f"{'B' if stage_b else 'C'} {variant} {(B, C, H, W, cs)} {dtype} {layout}{' mod' if with_mod else ''}"
+    oy, og = _run(fn, tensors, mod, grad, backend=backend, variant=variant)
+    what = f"{'B' if stage_b else 'C'} {backend} {variant} {(B, C, H, W, cs)} {dtype} {layout}{' mod' if with_mod else ''}"
     assert_close_to_reference(oy, ry, ey, what + " forward")
     names = ["x", "skip", "dw_weight", "dw_bias", "w1", "b1", "gamma", "beta", "w2", "b2"]
     names = [n for n, t in zip(names, tensors) if t is not None] + (["mod_a", "mod_b"] if with_mod else [])

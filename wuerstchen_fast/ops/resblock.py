@@ -18,6 +18,10 @@ reduction / conv kernels around cuBLAS GEMMs):
                    x + b2 for Linear2, and the standalone modulation kernel when mod is given.
     "triton_gemm"  Triton conv+LN, Triton GEMM1 with bias + GELU-Σg² epilogue, Triton GEMM2 with the
                    GRN prologue and bias + residual (+ modulation) epilogue: h is the only (M, 4C) tensor.
+The cpu and cuda backends run variant "ext" (ops/resblock_ext.py): the extension's dwconv_ln, GRN and
+modulation kernels around torch GEMMs (MKL / cuBLAS), forward and backward; 3x3 depthwise over x only
+(Stage C's skip-before-conv is a grouped conv: reported as a reason). On CPU, auto keeps the reference
+first (priority below) unless a measurement says the extension is faster.
 `choose_variant` picks per shape: a measured table (`VARIANT_TABLE`, filled from bench/ results on a
 GPU via `record_variant`) first, else the rule stated there. Dropout > 0 in training is not fused: the
 triton backend reports it as a reason, so auto runs the reference and an explicit request fails loudly.
@@ -29,12 +33,13 @@ from typing import Optional
 import torch
 
 from . import backends as bk
-from . import reference, registry
+from . import reference, registry, resblock_ext
 from .layout import empty_out_like
 
 __all__ = ["resblock", "resblock_stage_b", "choose_variant", "record_variant", "VARIANTS", "VARIANT_TABLE"]
 
 VARIANTS = ("cublas", "triton_gemm")
+EXT = "ext"  # the cpu / cuda backends' forward and backward (ops/resblock_ext.py), not a triton variant
 # (device name, dtype, B*H*W, C, 4C) -> variant, from measurements (bench/bench_ops_resblock.py).
 VARIANT_TABLE: dict = {}
 
@@ -154,6 +159,9 @@ def resblock_op(x: torch.Tensor, skip: Optional[torch.Tensor], dw_weight: torch.
                 b2: torch.Tensor, mod_a: Optional[torch.Tensor], mod_b: Optional[torch.Tensor], eps: float,
                 stage_b: bool, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor, torch.Tensor]:
+    if variant == EXT:
+        return resblock_ext.forward(x, skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps,
+                                    stage_b)
     return _forward(x, skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps, stage_b, variant)
 
 
@@ -162,21 +170,26 @@ def _(x, skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, ep
     B, C, H, W = x.shape
     M, N = B * H * W, w1.shape[0]
     pre = empty_out_like(x) if mod_a is not None else x.new_empty(0)
-    return (empty_out_like(x), pre, x.new_empty(M, C), x.new_empty(M, dtype=torch.float32), x.new_empty(M, N),
+    rstd = x.new_empty(0 if variant == EXT else M, dtype=torch.float32)  # ext: its backward recomputes the norm
+    return (empty_out_like(x), pre, x.new_empty(M, C), rstd, x.new_empty(M, N),
             x.new_empty(3, B, N, dtype=torch.float64))
 
 
 @torch.library.custom_op("wuerstchen_fast::resblock_backward", mutates_args=())
 def resblock_backward_op(grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], dw_weight: torch.Tensor,
-                         w1: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, w2: torch.Tensor,
-                         mod_a: Optional[torch.Tensor], out_pre: torch.Tensor, xn: torch.Tensor, rstd: torch.Tensor,
-                         h: torch.Tensor, stats: torch.Tensor, stage_b: bool) -> list[torch.Tensor]:
+                         dw_bias: torch.Tensor, w1: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                         w2: torch.Tensor, mod_a: Optional[torch.Tensor], out_pre: torch.Tensor, xn: torch.Tensor,
+                         rstd: torch.Tensor, h: torch.Tensor, stats: torch.Tensor, eps: float, stage_b: bool,
+                         variant: str) -> list[torch.Tensor]:
+    if variant == EXT:
+        return list(resblock_ext.backward(grad, x, skip, dw_weight, dw_bias, w1, gamma, beta, w2, mod_a, out_pre, xn,
+                                          h, stats, eps, stage_b))
     return list(_backward_impl(grad, x, skip, dw_weight, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, stats,
                                stage_b))
 
 
 @resblock_backward_op.register_fake
-def _(grad, x, skip, dw_weight, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, stats, stage_b):
+def _(grad, x, skip, dw_weight, dw_bias, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, stats, eps, stage_b, variant):
     dskip = empty_out_like(skip) if skip is not None else x.new_empty(0)
     dm = mod_a.new_empty(mod_a.shape) if mod_a is not None else x.new_empty(0)
     return [empty_out_like(x), dskip, torch.empty_like(dw_weight), dw_weight.new_empty(dw_weight.shape[0]),
@@ -187,15 +200,16 @@ def _(grad, x, skip, dw_weight, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h
 def _setup_context(ctx, inputs, output):
     x, skip, wd, bd, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps, stage_b, variant = inputs
     out, out_pre, xn, rstd, h, st = output
-    ctx.save_for_backward(x, skip, wd, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, st)
+    ctx.save_for_backward(x, skip, wd, bd, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, st)
     ctx.mark_non_differentiable(out_pre, xn, rstd, h, st)
-    ctx.stage_b = stage_b
+    ctx.stage_b, ctx.eps, ctx.variant = stage_b, eps, variant
     ctx.has_skip, ctx.has_mod = skip is not None, mod_a is not None
 
 
 def _backward(ctx, grad, *_unused):
-    x, skip, wd, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, st = ctx.saved_tensors
-    g = resblock_backward_op(grad, x, skip, wd, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, st, ctx.stage_b)
+    x, skip, wd, bd, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, st = ctx.saved_tensors
+    g = resblock_backward_op(grad, x, skip, wd, bd, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, st, ctx.eps,
+                             ctx.stage_b, ctx.variant)
     dx, dskip, dwd, dbd, dw1, db1, dgamma, dbeta, dw2, db2, da, db = g
     return (dx, dskip if ctx.has_skip else None, dwd, dbd, dw1, db1, dgamma, dbeta, dw2, db2,
             da if ctx.has_mod else None, db if ctx.has_mod else None, None, None, None)
@@ -206,17 +220,33 @@ resblock_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------ registry entries
 
-def _check(stage_b, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout=0.0, training=False,
-           mod=None, eps=1e-6):
+def _check_common(stage_b, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout=0.0, training=False,
+                  mod=None, eps=1e-6):
     tensors = [t for t in (x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2) if t is not None]
-    reasons = bk.ndim(4, x) + bk.float_dtype(*tensors) + bk.for_triton(*tensors)
+    reasons = bk.ndim(4, x) + bk.float_dtype(*tensors)
     if training and dropout > 0:
         reasons.append(f"dropout {dropout} in training is not fused: the reference (torch backend) runs it")
     if len({t.dtype for t in tensors}) > 1:
         reasons.append("needs every tensor in one dtype (cast the module with .to(dtype))")
     if x.dim() == 4 and dw_weight.shape[-1] % 2 == 0:
         reasons.append(f"needs an odd depthwise kernel size, got {dw_weight.shape[-1]}")
-    return reasons
+    return reasons, tensors
+
+
+def _check(stage_b, *args, **kwargs):
+    reasons, tensors = _check_common(stage_b, *args, **kwargs)
+    return reasons + bk.for_triton(*tensors)
+
+
+def _check_ext(device):
+    def check(stage_b, x, x_skip, dw_weight, *args, **kwargs):
+        reasons, tensors = _check_common(stage_b, x, x_skip, dw_weight, *args, **kwargs)
+        if tuple(dw_weight.shape[1:]) != (1, 3, 3):
+            why = " (Stage C's skip is concatenated before the conv)" if x_skip is not None and not stage_b else ""
+            reasons.append("the extension's dwconv_ln kernel is a 3x3 depthwise conv of x alone (weight (C, 1, 3, 3)), "
+                           f"got weight {tuple(dw_weight.shape)}{why}")
+        return reasons + bk.on_device(device, *tensors)
+    return check
 
 
 def _samples_for(stage_b):
@@ -262,25 +292,32 @@ def _opcheck_cases_for(stage_b):
         a[6], a[7] = a[6].reshape(-1), a[7].reshape(-1)
         mod_a, mod_b = (mod[0].detach().requires_grad_(True), mod[1].detach().requires_grad_(True)) if mod else (None, None)
         out = []
-        for variant in VARIANTS:
+        for variant in ((EXT,) if backend in ("cpu", "cuda") else VARIANTS):
             fwd_args = (*a, mod_a, mod_b, 1e-6, stage_b, variant)
             out.append((resblock_op, fwd_args, {}))
         det = [t.detach() if isinstance(t, torch.Tensor) else t for t in fwd_args]
         res = resblock_op(*det)
-        x, skip, wd, _, w1, _, gamma, beta, w2 = det[:9]
+        x, skip, wd, bd, w1, _, gamma, beta, w2 = det[:9]
         grad = torch.randn_like(res[0])
-        out.append((resblock_backward_op, (grad, x, skip, wd, w1, gamma, beta, w2, det[10], *res[1:], stage_b), {}))
+        out.append((resblock_backward_op, (grad, x, skip, wd, bd, w1, gamma, beta, w2, det[10], *res[1:], 1e-6, stage_b,
+                                           det[-1]), {}))
         return out
     return cases
 
 
 def _spec(name, stage_b, doc):
+    # cpu: the reference first until a measurement (bench/bench_ops_convnext.py) says otherwise.
     spec = registry.OpSpec(name=name, doc=doc, samples=_samples_for(stage_b), opcheck_cases=_opcheck_cases_for(stage_b),
+                           priority={"cuda": ("cuda", "triton", "torch"), "cpu": ("torch", "cpu")},
                            triton_modules=("wuerstchen_fast.kernels.triton.resblock",))
     ref = reference.resblock_stage_b if stage_b else reference.resblock
     spec.add(registry.Impl("torch", ref, lambda x, *a, **k: bk.ndim(4, x), lambda: []))
     spec.add(registry.Impl("triton", lambda *a, **k: _call(stage_b, "triton", *a, **k),
                            lambda *a, **k: _check(stage_b, *a, **k), bk.triton_available))
+    for dev, avail in (("cpu", bk.cpu_ext_available), ("cuda", bk.cuda_ext_available)):
+        check = _check_ext(dev)
+        spec.add(registry.Impl(dev, lambda *a, _d=dev, **k: _call(stage_b, _d, *a, **k),
+                               lambda *a, _c=check, **k: _c(stage_b, *a, **k), avail))
     return registry.register_op(spec)
 
 
@@ -295,7 +332,7 @@ def _call(stage_b, name, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2,
         ref = reference.resblock_stage_b if stage_b else reference.resblock
         out = ref(x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout, training, eps)
         return out if mod is None else reference.modulate(out, *mod)
-    variant = variant or choose_variant(x, w1)
+    variant = EXT if name in ("cpu", "cuda") else (variant or choose_variant(x, w1))
     mod_a, mod_b = mod if mod is not None else (None, None)
     return resblock_op(x, x_skip, dw_weight, dw_bias, w1, b1, gamma.reshape(-1), beta.reshape(-1), w2, b2,
                        mod_a, mod_b, eps, stage_b, variant)[0]
