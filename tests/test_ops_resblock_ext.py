@@ -50,6 +50,11 @@ def test_folded_modulation(dtype, layout, request):
     _check(False, None, 2, 16, 3, 4, 0, dtype, layout, with_mod=True, backend=EXT)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_folded_modulation_stage_b(layout):
+    _check(True, None, 2, 16, 3, 3, 7, torch.float32, layout, with_mod=True, backend=EXT)
+
+
 def test_stage_c_skip_is_refused_with_a_reason():
     tensors, _, _ = _inputs(False, 1, 8, 3, 3, 8, torch.float32, "contiguous", False)
     with pytest.raises(BackendUnavailableError, match="3x3 depthwise conv of x alone"):
