@@ -7,6 +7,7 @@ CPU user runs; each op is memory-bound and takes milliseconds, not minutes):
 
     layer_norm_2d, modulate  Stage B level 0 (1x320x128x128), level 1 (1x640x64x64), Stage C block
                              (2x1536x24x24); (B, C, H, W) contiguous, as the blocks produce it
+    dwconv_ln                the same shapes: the blocks' depthwise 3x3 conv + bias + LayerNorm2d
     grn                      the same blocks' 4c-wide hidden activations, (B, H, W, 4C) row-major
     ddpm_step                the Stage C step 2x16x24x24 (CFG: model output 4x32x24x24, guidance 4)
                              and the Stage B step 1x4x256x256 (model output 1x8x256x256, no CFG)
@@ -15,8 +16,8 @@ CPU user runs; each op is memory-bound and takes milliseconds, not minutes):
 Threads: both providers run at one pinned torch thread count (torch.set_num_threads; the extension's
 at::parallel_for uses the same pool), WF_BENCH_THREADS or the process default; each row records it
 as extra_info["threads"] and the group name carries it, so rows of one group compare like for like.
-Bytes (GB/s): the floor a fused kernel must move: layer_norm_2d / modulate / norm_mod one read, one
-write; grn two reads (statistics, then scale) and one write; ddpm_step x, model output and noise
+Bytes (GB/s): the floor a fused kernel must move: layer_norm_2d / modulate / norm_mod / dwconv_ln one
+read, one write; grn two reads (statistics, then scale) and one write; ddpm_step x, model output and noise
 read, x_prev written; mixing_dwconv x and xn read, output written.
 
 Rows whose op has no `cpu` implementation (or an extension not built) skip with the registry's
@@ -88,6 +89,17 @@ def test_modulate(benchmark, measure, op_provider, n_input_sets, provider, block
     sets = [(torch.randn(shape, generator=_gen(i), dtype=DTYPE), torch.randn(B, C, generator=_gen(i)) * 0.3,
              torch.randn(B, C, generator=_gen(i)) * 0.3) for i in range(n_input_sets(numel * DTYPE.itemsize))]
     _run(benchmark, measure, op_provider, "modulate", provider, sets, f"{block} {_shape(shape)}",
+         2 * numel * DTYPE.itemsize)
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_dwconv_ln(benchmark, measure, op_provider, n_input_sets, provider, block):
+    B, C, H, W = shape = BLOCKS[block]
+    numel = torch.Size(shape).numel()
+    sets = [(torch.randn(shape, generator=_gen(i), dtype=DTYPE), torch.randn(C, 1, 3, 3, generator=_gen(i)) / 3,
+             torch.randn(C, generator=_gen(i)) * 0.3) for i in range(n_input_sets(numel * DTYPE.itemsize))]
+    _run(benchmark, measure, op_provider, "dwconv_ln", provider, sets, f"{block} {_shape(shape)}",
          2 * numel * DTYPE.itemsize)
 
 
