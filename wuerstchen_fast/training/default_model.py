@@ -7,10 +7,17 @@ deterministically from the seeds in `configs/shapes/stage_{a,b,c}.json`, then co
 
 Order, chosen for a 2-core CPU:
   1. the semantic compressor: a `TinyCompressor` drawn from seed 0 whose BatchNorm statistics are
-     calibrated on 512 shapes images (so its latents have unit scale, as the released EfficientNet's),
-     then frozen and shared by Stage B and Stage C (`runs/shapes/compressor`). Freezing it is what lets
-     Stage C train at the same time as Stages A and B;
+     calibrated on 512 shapes images, with the BatchNorm's affine set to (42, -1) so that Stage C's latent
+     (e + 1) / 42 (the pipeline's fixed convention) is zero-mean, unit-variance per channel. (The released
+     encoder's e has unit scale, i.e. a prior latent of scale 1/42; at this model size and step count that
+     signal is too small for the prior to place precisely.) It is frozen and shared by Stage B and Stage C
+     (`runs/shapes/compressor`); freezing it is what lets Stage C train at the same time as Stages A and B.
+     Stage B trains with `objective.effnet_space="prior"` (its mappers see the same unit-scale latent) and its
+     export folds the 42 back into the mappers, so the decoder takes e as the pipeline passes it;
   2. Stage C (prior) in one process, while Stage A (VQGAN) and then Stage B (decoder) train in another;
+     between them Stage A's `scale_factor` is set to the std of its latents on shapes images, so Stage B's
+     x0 = encode(image) / scale_factor has unit variance (the pipeline decodes with the same factor).
+     Stage B draws its batches from a cache of encoded samples (`data.cache_size`);
   3. the export: prior/, decoder/, vqgan/, text_encoder/, tokenizer/ and sampling.json.
 
 The text encoder is the frozen random-init tiny CLIP (`text_encoder.preset=tiny, seed=0`): Stage B and
@@ -51,7 +58,10 @@ SAMPLING_DEFAULTS = {
 @torch.no_grad()
 def calibrate_compressor(out: Path, *, seed: int = 0, n_images: int = 512, batch: int = 32, image_size: int = 192,
                          c_latent: int = 16) -> Path:
-    """A seed-drawn TinyCompressor with BatchNorm statistics measured on shapes images; saved to `out`."""
+    """A seed-drawn TinyCompressor with BatchNorm statistics measured on shapes images and its affine set so
+    that (e + 1) / 42 -- Stage C's latent -- is zero-mean, unit-variance per channel; saved to `out`."""
+    from .objectives import LATENT_SCALE, LATENT_SHIFT
+
     from ..data import ShapesDataset
     from .components import TinyCompressor, compressor_input, save_compressor
 
@@ -67,7 +77,31 @@ def calibrate_compressor(out: Path, *, seed: int = 0, n_images: int = 512, batch
         comp(compressor_input(imgs, image_size))
     comp.eval()
     bn.momentum = 0.1
+    # The random backbone's features are tiny (variance ~1e-6, below BatchNorm's eps = 1e-5, which would then
+    # dominate): fold the measured std into the 1x1 conv so that the normalization is exact.
+    std = bn.running_var.sqrt()
+    comp.mapper[0].weight.div_(std.view(-1, 1, 1, 1))
+    bn.running_mean.div_(std)
+    bn.running_var.fill_(1.0 - bn.eps)
+    bn.weight.fill_(LATENT_SCALE)
+    bn.bias.fill_(-LATENT_SHIFT)
     return save_compressor(comp, out)
+
+
+@torch.no_grad()
+def calibrate_stage_a_scale(folder: Path, *, n_images: int = 256, batch: int = 32, size: int = 256, seed: int = 3) -> float:
+    """Set a trained Stage A's `scale_factor` to the std of its latents on shapes images (rewrites `folder`), so
+    Stage B's x0 = encode(image) / scale_factor has unit variance. Returns the new factor."""
+    from ..data import ShapesDataset
+    from ..models import load_stage_a, save_stage
+
+    model = load_stage_a(folder).float().eval()
+    ds = ShapesDataset(size=size, length=n_images, seed=seed, split="train")
+    lat = torch.cat([model.encode(torch.stack([ds[j][0] for j in range(i, min(i + batch, n_images))])).float()
+                     for i in range(0, n_images, batch)])
+    model.config.scale_factor = model.scale_factor = float(lat.std())
+    save_stage(model, folder)
+    return model.scale_factor
 
 
 def _train_cmd(stage: str, config: Path, overrides: list) -> list:
@@ -80,6 +114,8 @@ def _overrides(stage: str, runs: Path, scale: float) -> list:
     if scale != 1.0:
         steps = max(2, int(round(cfg["train"]["steps"] * scale)))
         o += [f"train.steps={steps}", f"optim.warmup_steps={max(1, min(cfg['optim']['warmup_steps'], steps // 2))}"]
+        if cfg["data"].get("cache_size"):
+            o.append(f"data.cache_size={max(cfg['train']['batch_size'], int(round(cfg['data']['cache_size'] * scale)))}")
     if stage != "stage_a":
         o.append(f"compressor.path={runs / 'compressor'}")
     if stage == "stage_b":
@@ -111,6 +147,7 @@ def train_all(runs: Path, *, scale: float = 1.0, parallel: bool = True) -> dict:
 
     c = launch("stage_c") if parallel else None
     wait("stage_a", launch("stage_a"))
+    print(f"stage_a scale_factor -> {calibrate_stage_a_scale(runs / 'stage_a' / 'model'):.4f}", flush=True)
     wait("stage_b", launch("stage_b"))
     wait("stage_c", c if parallel else launch("stage_c"))
     times["total"] = time.perf_counter() - t0
