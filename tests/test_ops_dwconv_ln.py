@@ -67,10 +67,10 @@ def _shapes_for(backend):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_dwconv_ln_matches_reference(backend, shape, dtype, request):
     if backend in ("triton", "cpu") and shape == (1, 9, 1, 1) and dtype == torch.float32:
-        # cpu (AVX2+FMA build since main's isa.h): dx 2.7e-7 against a 1.7e-7 bound on this 1-pixel image, ~2 ulp.
-        # Known: Triton's _ln_bwd works from the stored (rounded) xn, so on a 1-pixel image dx is ~1.7 ulp off
-        # (2.1e-7 against a 1.7e-7 bound, measured under the interpreter). Visible here rather than hidden.
-        request.applymarker(pytest.mark.xfail(reason="Triton LN backward from rounded xn: ~1.7 ulp on 1x1 fp32",
+        # Open defect (issue 6): on a 1-pixel image the LayerNorm backward's 1/sigma amplifies the rounding of
+        # the recomputed normalized values: dx is ~2 ulp at magnitude ~1 (cpu 2.7e-7, triton 2.1e-7) against a
+        # 1.7e-7 bound (PyTorch's own error happens to be 2.7e-8 here). Every other shape and dtype passes.
+        request.applymarker(pytest.mark.xfail(reason="LN backward ~2 ulp on a 1x1 image in fp32 (open defect)",
                                               strict=False))
     if shape not in _shapes_for(backend):
         shape = (2, 7, 5, 3)  # still run, on a small shape
