@@ -6,7 +6,7 @@
 #   make bench-cpu   the CPU benchmark suite (not part of CI), results into bench/results/
 #   make bench-table regenerate bench/RESULTS.md from the committed result files
 #   make bench-gpu-dry-run  print what bench/gpu_runner.sh would do on a GPU machine
-#   make train-default  train the bundled default model from scratch (CPU, ~1 h) into wuerstchen_fast/weights/default
+#   make train-default  train the bundled default model from scratch (CPU, ~70 min) into wuerstchen_fast/weights/default
 #   make eval-default   held-out accuracy table and sample grid of the default model
 #   make build       (re)build the compiled extension in place
 #   make wheel       build a wheel into dist/

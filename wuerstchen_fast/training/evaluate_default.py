@@ -17,7 +17,7 @@ A missing mask (fewer than `MIN_PIXELS` pixels) scores the shape colour, class a
 `tests/test_default_model.py` checks that the checker scores ~100% on ground-truth ShapesDataset images.
 
     python -m wuerstchen_fast.training.evaluate_default                   # the bundled default model
-    python -m wuerstchen_fast.training.evaluate_default --out-dir DIR --seeds 0 1
+    python -m wuerstchen_fast.training.evaluate_default --out-dir DIR --seeds 0 1 2 3
     python -m wuerstchen_fast.training.evaluate_default --weights runs/shapes/bundle   # any bundle folder
 Writes eval.json, EVAL.md and samples_grid.png (into the evaluated bundle's folder by default).
 """
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--true-latents", metavar="COMPRESSOR", default=None,
                    help="score Stages B and A alone: replace Stage C's output by the true latents of the ground-truth "
                         "pictures from this compressor folder (e.g. runs/shapes/compressor); needs --out-dir")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one image per prompt and seed (default 0 1 2)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prior-steps", type=int, default=None)
     p.add_argument("--prior-guidance", type=float, default=None)
@@ -254,7 +254,8 @@ def main(argv=None) -> int:
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     md = to_markdown(report)
     (out / "EVAL.md").write_text("# Held-out evaluation of the default model\n\n"
-                                 "`python -m wuerstchen_fast.training.evaluate_default`\n\n" + md)
+                                 f"`python -m wuerstchen_fast.training.evaluate_default "
+                                 f"--seeds {' '.join(map(str, args.seeds))}`\n\n" + md)
     _grid(images[:55], cols=11).quantize(colors=32).save(out / "samples_grid.png", optimize=True)  # < 300 KB
     print(md)
     print(f"wrote {out / 'eval.json'}, {out / 'EVAL.md'}, {out / 'samples_grid.png'} ({report['seconds']} s)")
