@@ -109,7 +109,8 @@ def test_mixing_mlp(benchmark, measure, op_provider, n_input_sets, provider):
 
 @pytest.mark.parametrize("provider", ["eager", "compile", "triton", "cuda", "cpu"])
 def test_mixing_block(benchmark, measure, n_input_sets, provider):
-    """The whole MixingResidualBlock; `provider` is the backend every registered op inside runs on."""
+    """The whole MixingResidualBlock; every registered op inside runs on `provider` where it has that backend,
+    else on the reference (`provider,torch`: e.g. mixing_mlp has no cpu or cuda kernel, only Triton)."""
     if provider in ("triton", "cuda", "cpu"):
         if provider not in registry.get_op("norm_mod").impls:
             pytest.skip(f"norm_mod has no {provider} implementation")
@@ -121,7 +122,7 @@ def test_mixing_block(benchmark, measure, n_input_sets, provider):
     numel = torch.Size(shape).numel()
     sets = [(torch.randn(shape, generator=_gen(i), device=DEVICE, dtype=DTYPE),)
             for i in range(n_input_sets(numel * DTYPE.itemsize))]
-    backend = "torch" if provider in ("eager", "compile") else provider
+    backend = "torch" if provider in ("eager", "compile") else f"{provider},torch"
 
     def run(x):
         with wuerstchen_fast.backend(backend):
