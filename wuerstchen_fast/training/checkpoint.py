@@ -107,6 +107,8 @@ def save_checkpoint(run, step: int, info: DistInfo, keep: int = 2) -> Path:
     rng = _rng_state(run.generator)
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / f"rank{info.rank}.safetensors"))
     (tmp / f"rank{info.rank}.json").write_text(json.dumps({"data": run.loader.state_dict()}))
+    # Every rank's files are in tmp before rank 0 renames it (DDP's state-dict calls below are no collective).
+    barrier(info)
     # collectives (every rank), then rank 0 writes
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(run.wrapped, options=opts)
