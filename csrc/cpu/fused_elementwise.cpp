@@ -21,34 +21,10 @@
 #include <vector>
 
 #include "../fused_host.h"
+#include "vec_io.h"
 
 namespace wf {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t VL = Vec::size();
-
-template <typename T>
-inline Vec ld(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    float buf[VL];
-    for (int64_t i = 0; i < VL; ++i) buf[i] = float(p[i]);
-    return Vec::loadu(buf);
-  }
-}
-
-template <typename T>
-inline void st(T* p, const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
-  } else {
-    float buf[VL];
-    v.store(buf);
-    for (int64_t i = 0; i < VL; ++i) p[i] = T(buf[i]);
-  }
-}
 
 // GELU(x) = ½x(1 + erf(x/√2)) and its derivative ½(1 + erf(x/√2)) + x·φ(x), lane-wise (fused_common.h's
 // gelu / gelu_grad, vectorised: the erf and exp of the CPU capability, as eager F.gelu uses).
@@ -74,6 +50,14 @@ template <typename T>
 inline void gelu_tile(const T* x, float* v, int64_t n) {
   const int64_t np = load_padded(x, v, n);
   for (int64_t i = 0; i < np; i += VL) gelu_vec(Vec::loadu(v + i)).store(v + i);
+}
+
+// fused_common.h's head_eps on whole vectors, in the same order of operations.
+inline Vec head_eps_vec(int head, const Vec& x, const Vec& a, const Vec& b) {
+  if (head == 0) return a;
+  const Vec den = head == 1 ? (Vec(1.f) - b).abs() + Vec(1e-5f)
+                            : Vec(1.f) / (Vec(1.f) + b.neg().exp()) * Vec(1.f - 2e-3f) + Vec(1e-3f);
+  return (x - a) / den;
 }
 
 // ------------------------------------------------------------------------------------ modulate
@@ -230,36 +214,34 @@ at::Tensor ddpm_step_cpu(const at::Tensor& x_in, const at::Tensor& model_out, co
                    *zp = z.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * n_outer, std::max<int64_t>(1, 16384 / n_inner), [&](int64_t r0, int64_t r1) {
-      float eb[256];
+      const Vec wv(w);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / n_outer, j = r % n_outer;
         const StepCoef k = coef[b];
+        const Vec k0(k.k0), k1(k.k1), k2(k.k2);
         const int64_t xo = b * C * HW + j * sxo, oo = b * sob + j * so_outer;
-        for (int64_t i0 = 0; i0 < n_inner; i0 += 256) {
-          const int64_t n = std::min<int64_t>(256, n_inner - i0);
-          const scalar_t *xr = xp + xo + i0, *zr = zp + xo + i0, *oc = op + oo + i0;
-          scalar_t* yr = yp + xo + i0;
-          if (head == 0) {
-            for (int64_t i = 0; i < n; ++i) eb[i] = float(oc[i]);
-            if (cfg) {
-              const scalar_t* ou = oc + B * sob;
-              for (int64_t i = 0; i < n; ++i) { const float u = float(ou[i]); eb[i] = u + w * (eb[i] - u); }
-            }
-          } else {
-            for (int64_t i = 0; i < n; ++i) eb[i] = head_eps(head, float(xr[i]), float(oc[i]), float(oc[i + half]));
-            if (cfg) {
-              const scalar_t* ou = oc + B * sob;
-              for (int64_t i = 0; i < n; ++i) {
-                const float u = head_eps(head, float(xr[i]), float(ou[i]), float(ou[i + half]));
-                eb[i] = u + w * (eb[i] - u);
-              }
-            }
+        const scalar_t *xr = xp + xo, *zr = zp + xo, *oc = op + oo, *ou = cfg ? oc + B * sob : oc;
+        scalar_t* yr = yp + xo;
+        // One pass: model head (on whole vectors: the Stage B head's sigmoid is an exp per element), CFG
+        // lerp, update. The model output's second half (b) exists only for heads 1 and 2.
+        int64_t i = 0;
+        for (; i + VL <= n_inner; i += VL) {
+          const Vec xv = ld(xr + i);
+          Vec e = head_eps_vec(head, xv, ld(oc + i), head ? ld(oc + i + half) : Vec(0.f));
+          if (cfg) {
+            const Vec u = head_eps_vec(head, xv, ld(ou + i), head ? ld(ou + i + half) : Vec(0.f));
+            e = u + wv * (e - u);
           }
-          const Vec k0(k.k0), k1(k.k1), k2(k.k2);
-          int64_t i = 0;
-          for (; i + VL <= n; i += VL)
-            st(yr + i, at::vec::fmadd(k0, ld(xr + i) - k1 * Vec::loadu(eb + i), k2 * ld(zr + i)));
-          for (; i < n; ++i) yr[i] = scalar_t(k.k0 * (float(xr[i]) - k.k1 * eb[i]) + k.k2 * float(zr[i]));
+          st(yr + i, at::vec::fmadd(k0, xv - k1 * e, k2 * ld(zr + i)));
+        }
+        for (; i < n_inner; ++i) {
+          const float xv = float(xr[i]);
+          float e = head_eps(head, xv, float(oc[i]), head ? float(oc[i + half]) : 0.f);
+          if (cfg) {
+            const float u = head_eps(head, xv, float(ou[i]), head ? float(ou[i + half]) : 0.f);
+            e = u + w * (e - u);
+          }
+          yr[i] = scalar_t(k.k0 * (xv - k.k1 * e) + k.k2 * float(zr[i]));
         }
       }
     });
