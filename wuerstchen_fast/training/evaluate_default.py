@@ -163,13 +163,6 @@ def evaluate(pipe=None, *, seeds=(0,), batch: int = 11, sampling: dict | None = 
         pipe = load_pipeline(device="cpu")
     items = heldout_prompts()
     kw = dict(sampling or {})
-    prior_steps = kw.get("prior_num_inference_steps", getattr(pipe, "call_defaults", {}).get("prior_num_inference_steps"))
-    if prior_steps is None:  # the pipeline's own default
-        import inspect
-
-        from ..pipeline.core import WuerstchenPipeline
-
-        prior_steps = inspect.signature(WuerstchenPipeline.__call__).parameters["prior_num_inference_steps"].default
     images, found, rows = [], [], []
     t0 = time.perf_counter()
     for seed in seeds:
@@ -178,8 +171,8 @@ def evaluate(pipe=None, *, seeds=(0,), batch: int = 11, sampling: dict | None = 
             gen = torch.Generator().manual_seed(seed * 100_003 + i)
             if compressor is not None:
                 true = _true_latents(compressor.eval(), chunk)
-                kw["prior_callback_on_step_end"] = lambda p, j, t, d, true=true: (
-                    {"latents": true.to(d["latents"])} if j == prior_steps - 1 else {})
+                # Replaced after every prior step, so after the last one whatever the step count.
+                kw["prior_callback_on_step_end"] = lambda p, j, t, d, true=true: {"latents": true.to(d["latents"])}
             ims = pipe([it["prompt"] for it in chunk], generator=gen, progress=progress, **kw).images
             for it, im in zip(chunk, ims):
                 f = check_image(im)

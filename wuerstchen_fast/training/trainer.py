@@ -107,20 +107,22 @@ class _Run:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.ema = EMA(self.objective, op.ema_decay, op.ema_start, op.ema_every) if op.ema_decay > 0 else None
         d = cfg.data
-        self.loader = build_loader(d.kind, global_batch=t.batch_size, resolution=d.resolution, rank=info.rank,
-                                   world=info.world, seed=d.seed, path=d.path, length=d.length,
-                                   missing_caption=d.missing_caption, short_captions=d.short_captions)
+        self.loader = self._make_loader(info.rank, info.world)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.cache = self._build_cache(d.cache_size) if d.cache_size else None
+
+    def _make_loader(self, rank: int, world: int):
+        d = self.config.data
+        return build_loader(d.kind, global_batch=self.config.train.batch_size, resolution=d.resolution, rank=rank,
+                            world=world, seed=d.seed, path=d.path, length=d.length,
+                            missing_caption=d.missing_caption, short_captions=d.short_captions)
 
     @torch.no_grad()
     def _build_cache(self, n: int) -> dict:
         """The first `n` samples of the data (one rank's view of the whole global batch stream, so every rank
         holds the same cache), encoded once: Stage A latents x0, the compressor's output e, the captions."""
-        d, cfg = self.config.data, self.config
-        loader = build_loader(d.kind, global_batch=cfg.train.batch_size, resolution=d.resolution, rank=0, world=1,
-                              seed=d.seed, path=d.path, length=d.length, missing_caption=d.missing_caption,
-                              short_captions=d.short_captions)
+        cfg = self.config
+        loader = self._make_loader(rank=0, world=1)
         x0s, embs, caps = [], [], []
         t0 = time.perf_counter()
         while len(caps) < n:
