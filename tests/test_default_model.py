@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wuerstchen_fast.data import ShapesDataset
-from wuerstchen_fast.data.shapes import HELDOUT_TRIPLES, POSITIONS, render_shape
+from wuerstchen_fast.data.shapes import COLORS, HELDOUT_TRIPLES, POSITIONS, make_spec, render_shape
 from wuerstchen_fast.training.evaluate_default import ATTRIBUTES, TARGETS, check_image, heldout_prompts, score
 
 BUNDLE = Path(__file__).resolve().parents[1] / "wuerstchen_fast" / "weights" / "default"
@@ -41,6 +41,24 @@ def test_checker_accepts_tensors_and_survives_noise_and_blur():
         found = check_image(im)
         wrong += any(found[k] != getattr(spec, k) for k in ATTRIBUTES)
     assert wrong <= 2, wrong
+
+
+def test_checker_ignores_stray_specks_away_from_the_shape():
+    """The shape is the largest 4-connected component of the far-from-background pixels (no scipy needed):
+    a speck elsewhere must not widen the shape's bounding box and turn a square into a 'triangle'."""
+    from wuerstchen_fast.training.evaluate_default import _largest_component
+
+    for shape in ("square", "circle", "triangle"):
+        a = render_shape(make_spec("blue", shape, "top left", "yellow"), 256)
+        a[230:234, 240:244] = COLORS["blue"]  # a 16-pixel speck at the far corner
+        a[200, 20] = COLORS["black"]
+        found = check_image(a)
+        assert (found["shape"], found["position"], found["color"]) == (shape, "top left", "blue"), found
+    m = np.zeros((5, 6), bool)
+    m[0, 0] = m[1, 1] = True  # diagonal neighbours are separate components
+    m[3:5, 2:6] = True
+    assert _largest_component(m).sum() == 8 and _largest_component(m)[4, 5]
+    assert _largest_component(np.eye(3, dtype=bool)).sum() == 1
 
 
 def test_checker_reports_a_blank_image_as_no_shape():
@@ -165,3 +183,53 @@ def test_true_latents_evaluation_bypasses_stage_c():
     plain = evaluate(pipe, sampling={**small, "prior_guidance_scale": 4.0}, batch=55)
     assert plain[0]["stage_c"] == "sampled"
     assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain[1][:5], reports[1][1][:5]))
+
+
+# ------------------------------------------------------------------------------------------ recipe
+def test_compressor_pretraining_learns_the_attributes_deterministically():
+    from wuerstchen_fast.training.default_model import pretrain_compressor
+
+    losses = []
+    kw = dict(steps=40, pool=128, n_eval=64, batch=32)
+    comp, acc = pretrain_compressor(**kw, log=lambda m: losses.append(float(m.rsplit(" ", 1)[1])))
+    assert set(acc) == {"train", "heldout"} and set(acc["train"]) == set(ATTRIBUTES)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert acc["train"]["background"] >= 90.0, acc  # the easiest attribute, learnt within a few dozen steps
+    again, acc2 = pretrain_compressor(**kw, log=None)
+    assert acc2 == acc
+    for (k, a), b in zip(comp.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_calibrated_compressor_gives_stage_c_a_unit_variance_latent(tmp_path):
+    from wuerstchen_fast.training.components import TinyCompressor, compressor_input, load_compressor
+    from wuerstchen_fast.training.default_model import calibrate_compressor
+
+    torch.manual_seed(0)
+    folder = calibrate_compressor(TinyCompressor(16), tmp_path / "c", n_images=64, batch=32)
+    comp = load_compressor(folder).eval()
+    ds = ShapesDataset(size=256, length=64, seed=1000, split="train")  # the calibration images
+    with torch.no_grad():
+        lat = (comp(compressor_input(torch.stack([ds[i][0] for i in range(64)]), 192)) + 1) / 42
+    assert lat.shape == (64, 16, 6, 6)
+    m, s = lat.mean(dim=(0, 2, 3)), lat.std(dim=(0, 2, 3))
+    assert m.abs().max() < 0.05 and (s - 1).abs().max() < 0.05, (m, s)
+
+
+def test_the_recipe_runs_end_to_end_at_a_tiny_step_count_and_its_bundle_samples(tmp_path, monkeypatch):
+    """`python -m wuerstchen_fast.training.default_model` (make train-default) at 1/1000 of the steps: every
+    stage trains through the CLI, the export writes a bundle that load_pipeline(weights=...) samples from."""
+    from wuerstchen_fast import load_pipeline
+    from wuerstchen_fast.training import default_model
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the configs are named relative to the repo root
+    runs, out = tmp_path / "runs", tmp_path / "bundle"
+    assert default_model.main(["--steps-scale", "0.001", "--runs", str(runs), "--out", str(out)]) == 0
+    acc = json.loads((runs / "compressor" / "pretraining.json").read_text())["attribute_accuracy"]
+    assert set(acc["heldout"]) == set(ATTRIBUTES)
+    assert {p.name for p in out.iterdir()} >= {"prior", "decoder", "vqgan", "text_encoder", "tokenizer",
+                                               "sampling.json"}
+    pipe = load_pipeline(weights=out, device="cpu")
+    images = pipe("a red circle on a blue background", seed=0, progress=False, output_type="pt", height=128,
+                  width=128, prior_num_inference_steps=2, num_inference_steps=2).images
+    assert images.shape == (1, 3, 128, 128) and torch.isfinite(images).all()
