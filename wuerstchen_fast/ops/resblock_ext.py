@@ -2,8 +2,9 @@
 
     xn  = dwconv_ln(x, Wd, bd)                       extension kernel (conv + bias + LayerNorm2d, channels-last)
     h   = xn·W1[:, :C]ᵀ (+ skip·W1[:, C:]ᵀ) + b1     torch.addmm (MKL / cuBLAS), split K for Stage B's skip
-    g   = GELU(h);  s = 1 + γ·N from Σg²             extension grn_colsum (GELU folded) + float64 statistics
-    y   = g·s + β                                     extension grn_apply (GELU folded)
+    g   = GELU(h);  s = 1 + γ·N from Σg²             extension grn_colsum (GELU folded on CUDA) + float64 statistics
+    y   = g·s + β                                     extension grn_apply (GELU folded on CUDA; on the CPU
+                                                      one aten GELU pass feeds both GRN kernels)
     out = y·W2ᵀ + b2 + x  [·(1 + a) + b]              addmm accumulating onto x + b2; extension modulate
 Backward: extension modulate_backward, GEMMs for the Linear gradients, grn_colsum / grn_apply_backward
 (GELU' folded) for the GRN, dwconv_ln_backward (recomputes the conv and the norm statistics from x).
@@ -35,8 +36,14 @@ def forward(x, skip, wd, bd, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps, sta
     if stage_b and skip is not None:
         h.addmm_(_rows(skip), w1[:, C:].t())
     h4 = h.view(B, H, W, N)
-    st = ext_stats(C_.grn_colsum(h4, None, True)[0], gamma)
-    y = C_.grn_apply(h4, st[0], beta, True)  # GELU(h)·s + β, (B, H, W, N) rows
+    # GELU(h) once (CPU: a separate vectorized pass costs less than computing erf in both GRN kernels,
+    # whose (B·H·W, 4C) operand is far out of cache either way), or folded into both kernels (CUDA: the
+    # GRN is bandwidth-bound there and GELU is free beside the loads).
+    fold = h.is_cuda
+    g4 = h4 if fold else torch.nn.functional.gelu(h4)
+    st = ext_stats(C_.grn_colsum(g4, None, fold)[0], gamma)
+    y = C_.grn_apply(g4, st[0], beta, fold)  # GELU(h)·s + β, (B, H, W, N) rows
+    del g4
     out_pre = empty_out_like(x)
     torch.add(x, b2.view(1, C, 1, 1), out=out_pre)
     if out_pre.is_contiguous():  # (B, C, HW) += W2 · yᵀ per batch: the residual's own layout
