@@ -169,3 +169,86 @@ def test_dwconv_layouts(backend, layout):
 def test_dwconv_fp64_gradcheck_reference_path():
     ts = [t.double().requires_grad_(True) for t in _dw_inputs((1, 3, 2, 3), torch.float32, "contiguous")]
     assert torch.autograd.gradcheck(lambda *a: mixing_dwconv(*a, backend="torch"), ts)
+
+
+# ------------------------------------------------------------------------------ CUDA kernels
+# kernels/cuda/mixing.cu. The matrices above run the cuda backend too wherever it is available; these
+# add Stage A's own sizes (C 192 / 384, H·W, W and C multiples of 8: the 16-byte vector paths), odd
+# sizes (the one-element paths), every layout, a misaligned view and a side stream.
+from wuerstchen_fast._extension import build_info  # noqa: E402
+
+CUDA_SHAPES = [(2, 384, 32, 32), (1, 192, 24, 40), (2, 7, 5, 3), (1, 20, 9, 17), (2, 16, 1, 1), (1, 8, 3, 8)]
+
+
+def test_cuda_backend_is_declared_and_registered():
+    for name in ("norm_mod", "mixing_dwconv"):
+        impl = registry.get_op(name).impls["cuda"]
+        if not torch.cuda.is_available():
+            assert impl.available(), f"{name}: cuda backend claims to run without a GPU"
+    info = build_info()
+    if not (info and info["with_cuda"]):
+        pytest.skip("extension not built with CUDA kernels")
+    for op in ("norm_mod", "norm_mod_backward", "mixing_dwconv", "mixing_dwconv_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"wuerstchen_fast_C::{op}", "CUDA"), op
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_norm_mod_matches_reference(shape, dtype, layout):
+    assert DEVICE == "cuda"
+    _check("cuda", shape, dtype, layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CUDA_SHAPES + [(1, 9, 2, 7), (2, 16, 5, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_dwconv_matches_reference(shape, dtype, layout):
+    assert DEVICE == "cuda"
+    _dw_check("cuda", shape, dtype, layout)
+
+
+def _misaligned(t):
+    """t's values in a contiguous tensor whose data starts one element past a 16-byte boundary (no vector loads)."""
+    flat = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
+    out = flat[1:1 + t.numel()].view(t.shape)
+    return out.copy_(t)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_misaligned_inputs_take_the_scalar_path(dtype):
+    assert DEVICE == "cuda"
+    x, s, t = _inputs((2, 16, 4, 8), dtype, "contiguous")
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    expect = _run(lambda *a: norm_mod(*a, backend="cuda"), x, s, t, grad)
+    got = _run(lambda *a: norm_mod(*a, backend="cuda"), _misaligned(x), s, t, _misaligned(grad))
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    ts = _dw_inputs((2, 16, 4, 8), dtype, "contiguous")
+    expect = _dw_run(lambda *a: mixing_dwconv(*a, backend="cuda"), ts, grad)
+    got = _dw_run(lambda *a: mixing_dwconv(*a, backend="cuda"), [_misaligned(ts[0]), _misaligned(ts[1])] + ts[2:],
+                  _misaligned(grad))
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_on_a_side_stream():
+    assert DEVICE == "cuda"
+    x, s, t = _inputs((2, 64, 9, 16), torch.bfloat16, "contiguous")
+    ts = _dw_inputs((2, 64, 9, 16), torch.bfloat16, "contiguous")
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    expect = (_run(lambda *a: norm_mod(*a, backend="cuda"), x, s, t, grad),
+              _dw_run(lambda *a: mixing_dwconv(*a, backend="cuda"), ts, grad))
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        out = (_run(lambda *a: norm_mod(*a, backend="cuda"), x, s, t, grad),
+               _dw_run(lambda *a: mixing_dwconv(*a, backend="cuda"), ts, grad))
+    torch.cuda.current_stream().wait_stream(st)
+    for a, b in zip(out[0] + out[1], expect[0] + expect[1]):
+        assert torch.equal(a, b)

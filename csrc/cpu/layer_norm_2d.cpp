@@ -28,7 +28,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../layout.h"
+#include "../mixing_host.h"
 
 namespace wf {
 namespace {
@@ -237,14 +237,13 @@ at::Tensor layer_norm_2d_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   return backward(grad, x_in, eps, 1.f, PixelSums{}, as_dense(x_in), "layer_norm_2d_backward");
 }
 
-// A 0-d (one-element) modulation parameter as float.
-float scalar_param(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 0-d tensor (one value), got shape ", t.sizes());
-  return t.to(at::kFloat).item<float>();
+// A 0-d (one-element) modulation parameter as float (checked by csrc/mixing_host.h).
+float scalar_value(const at::Tensor& t, const char* op, const char* name) {
+  return scalar_param(t, t.device(), op, name).item<float>();
 }
 
 at::Tensor norm_mod_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, double eps) {
-  const float s = scalar_param(scale, "norm_mod", "scale"), t = scalar_param(shift, "norm_mod", "shift");
+  const float s = scalar_value(scale, "norm_mod", "scale"), t = scalar_value(shift, "norm_mod", "shift");
   return forward(x, eps, Affine{1.f + s, t}, "norm_mod");
 }
 
@@ -252,7 +251,7 @@ at::Tensor norm_mod_cpu(const at::Tensor& x, const at::Tensor& scale, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_mod_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in,
                                                                      const at::Tensor& scale, double eps) {
   check_float_dtype(x_in, "norm_mod_backward");
-  const float A = 1.f + scalar_param(scale, "norm_mod_backward", "scale");
+  const float A = 1.f + scalar_value(scale, "norm_mod_backward", "scale");
   const Dense d = as_dense(x_in);
   const int64_t pixels = d.t.size(0) * d.t.size(2) * d.t.size(3);
   at::Tensor sums = at::zeros({2, pixels}, x_in.options().dtype(at::kDouble));

@@ -28,37 +28,13 @@
 #include <algorithm>
 #include <vector>
 
-#include "../layout.h"
+#include "../mixing_host.h"
 
 namespace wf {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t VL = Vec::size();
-
-struct DwArgs {
-  Dense d;
-  int64_t B, C, H, W;
-  at::Tensor w, bias;  // (C, 9), (C) float32
-  float gamma;
-};
-
-DwArgs dw_args(const at::Tensor& xn_in, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
-               const char* op) {
-  check_float_dtype(xn_in, op);
-  DwArgs a{as_dense(xn_in), 0, 0, 0, 0, {}, {}, 0.f};
-  const at::Tensor& xn = a.d.t;
-  a.B = xn.size(0), a.C = xn.size(1), a.H = xn.size(2), a.W = xn.size(3);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == a.C && weight.size(1) == 1 && weight.size(2) == 3 &&
-                  weight.size(3) == 3,
-              op, ": weight must have shape (", a.C, ", 1, 3, 3), got ", weight.sizes());
-  TORCH_CHECK(bias.numel() == a.C, op, ": bias needs ", a.C, " elements, got ", bias.numel());
-  TORCH_CHECK(gamma.numel() == 1, op, ": gamma must be a 0-d tensor (one value), got shape ", gamma.sizes());
-  a.w = weight.reshape({a.C, 9}).to(at::kFloat).contiguous();
-  a.bias = bias.reshape({a.C}).to(at::kFloat).contiguous();
-  a.gamma = gamma.to(at::kFloat).item<float>();
-  return a;
-}
 
 inline float hsum(const Vec& v) {
   alignas(64) float b[VL];
@@ -111,19 +87,15 @@ inline void conv_row(const float* P, int64_t S, int64_t r, int64_t W, const floa
 
 at::Tensor mixing_dwconv_cpu(const at::Tensor& x_in, const at::Tensor& xn_in, const at::Tensor& weight,
                              const at::Tensor& bias, const at::Tensor& gamma) {
-  const DwArgs a = dw_args(xn_in, weight, bias, gamma, "mixing_dwconv");
-  TORCH_CHECK(x_in.sizes() == xn_in.sizes() && x_in.scalar_type() == xn_in.scalar_type(),
-              "mixing_dwconv: x and xn must have one shape and dtype; got ", x_in.sizes(), " ", x_in.scalar_type(),
-              " and ", xn_in.sizes(), " ", xn_in.scalar_type());
-  const Layout out_layout = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
-                                ? Layout::NHWC
-                                : Layout::NCHW;  // csrc/layout.h's rule, without as_dense's copy
+  const MixDwArgs a = mix_dw_args(xn_in, weight, bias, gamma, "mixing_dwconv");
+  check_mix_residual(x_in, xn_in, "mixing_dwconv");
+  const Layout out_layout = mix_out_layout(x_in);
   const at::Tensor xn = a.d.t.contiguous(), x = x_in.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t B = a.B, C = a.C, H = a.H, W = a.W, S = W + 2;
   if (y.numel() > 0) {
     const float *wp = a.w.const_data_ptr<float>(), *bp = a.bias.const_data_ptr<float>();
-    const float g = a.gamma;
+    const float g = a.gamma.item<float>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mixing_dwconv_cpu", [&] {
       const scalar_t *xp = x.const_data_ptr<scalar_t>(), *np = xn.const_data_ptr<scalar_t>();
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -149,7 +121,7 @@ at::Tensor mixing_dwconv_cpu(const at::Tensor& x_in, const at::Tensor& xn_in, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixing_dwconv_backward_cpu(
     const at::Tensor& grad, const at::Tensor& xn_in, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& gamma) {
-  const DwArgs a = dw_args(xn_in, weight, bias, gamma, "mixing_dwconv_backward");
+  const MixDwArgs a = mix_dw_args(xn_in, weight, bias, gamma, "mixing_dwconv_backward");
   const at::Tensor xn = a.d.t.contiguous();
   const at::Tensor g = like_x(grad, xn, Layout::NCHW, "mixing_dwconv_backward", "grad");
   at::Tensor dxn = at::empty_like(xn, at::MemoryFormat::Contiguous);
@@ -158,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixing_dwconv_backwar
   at::Tensor sums = at::zeros({B * C, 10}, xn.options().dtype(at::kDouble));
   if (xn.numel() > 0) {
     const float* wp = a.w.const_data_ptr<float>();
-    const float gm = a.gamma;
+    const float gm = a.gamma.item<float>();
     double* sp = sums.mutable_data_ptr<double>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xn.scalar_type(), "mixing_dwconv_backward_cpu", [&] {
       const scalar_t *np = xn.const_data_ptr<scalar_t>(), *gp = g.const_data_ptr<scalar_t>();
@@ -248,8 +220,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixing_dwconv_backwar
   const at::Tensor Sm = per_c.narrow(1, 0, 9), Gm = per_c.select(1, 9);
   const at::Tensor w64 = a.w.to(at::kDouble), b64 = a.bias.to(at::kDouble);
   const at::Tensor dgamma = ((w64 * Sm).sum() + (b64 * Gm).sum()).to(gamma.scalar_type());
-  const at::Tensor dweight = (Sm * double(a.gamma)).reshape(weight.sizes()).to(weight.scalar_type());
-  const at::Tensor dbias = (Gm * double(a.gamma)).reshape(bias.sizes()).to(bias.scalar_type());
+  const double g64 = a.gamma.item<double>();
+  const at::Tensor dweight = (Sm * g64).reshape(weight.sizes()).to(weight.scalar_type());
+  const at::Tensor dbias = (Gm * g64).reshape(bias.sizes()).to(bias.scalar_type());
   return {in_layout(dxn, a.d.layout), dweight, dbias, dgamma.reshape({})};
 }
 

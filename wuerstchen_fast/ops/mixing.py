@@ -8,8 +8,8 @@ MixingResidualBlock runs it twice per block (before the depthwise conv and befor
 and `shift` are 0-d slices of its `gammas`, read by the kernel from device memory. The `torch`
 backend is the reference (bit-exact with diffusers' PaellaVQModel); Triton fuses the LayerNorm, the
 modulation and, in backward, the two scalar reductions; the `cpu` backend is the compiled extension's
-LayerNorm (csrc/cpu/layer_norm_2d.cpp) with the modulation folded in. Double backward: reference
-path only.
+LayerNorm (csrc/cpu/layer_norm_2d.cpp) with the modulation folded in, the `cuda` backend its CUDA
+kernels (kernels/cuda/mixing.cu). Double backward: reference path only.
 
 mixing_dwconv(x, xn, weight, bias, gamma) (second half of this file): x + depthwise(xn)·gamma, the
 replication-padded 3x3 depthwise conv + bias + gamma scale + residual that follows norm_mod.
@@ -52,7 +52,7 @@ def _triton_bwd(grad, x, scale, eps):
     return dx, ds.to(scale.dtype), dt.to(scale.dtype)
 
 
-def _ext_fwd(x, scale, shift, eps):  # the C++ op (CPU kernel only so far)
+def _ext_fwd(x, scale, shift, eps):  # the C++ op dispatches on the device: CPU or CUDA kernel
     return torch.ops.wuerstchen_fast_C.norm_mod(x, scale, shift, eps)
 
 
@@ -60,8 +60,8 @@ def _ext_bwd(grad, x, scale, eps):
     return torch.ops.wuerstchen_fast_C.norm_mod_backward(grad, x, scale, eps)
 
 
-_FWD = {"torch": _torch_fwd, "triton": _triton_fwd, "cpu": _ext_fwd}
-_BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "cpu": _ext_bwd}
+_FWD = {"torch": _torch_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
+_BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd}
 
 
 @torch.library.custom_op("wuerstchen_fast::norm_mod", mutates_args=())
@@ -115,17 +115,27 @@ def _check_triton(x, scale, shift, eps=1e-6):
     return _check_torch(x, scale, shift) + bk.float_dtype(x, scale, shift) + bk.for_triton(x, scale, shift)
 
 
-def _check_ext(device):  # the extension's backends ("cpu" now; "cuda" once its kernels exist)
+def _check_ext(device):  # the extension's backends, "cpu" and "cuda"
     def check(x, scale, shift, eps=1e-6):
         return _check_torch(x, scale, shift) + bk.float_dtype(x, scale, shift) + bk.on_device(device, x, scale, shift)
     return check
 
 
+def _has_kernel(op, device):
+    """Whether the loaded extension registers a kernel of `op` for the device (read once, at import)."""
+    if extension() is None or not hasattr(torch.ops.wuerstchen_fast_C, op):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"wuerstchen_fast_C::{op}", device.upper())
+
+
 def _ext_available(device, op="norm_mod"):
+    has = _has_kernel(op, device)
+
     def available():
         r = bk.cpu_ext_available() if device == "cpu" else bk.cuda_ext_available()
-        if not r and not hasattr(torch.ops.wuerstchen_fast_C, op):
-            r = [f"wuerstchen_fast._C predates {op}; rebuild it (pip install --no-build-isolation -e .)"]
+        if not r and not has:
+            r = [f"wuerstchen_fast._C predates the {device} kernel of {op}; rebuild it "
+                 "(pip install --no-build-isolation -e .)"]
         return r
     return available
 
@@ -149,7 +159,7 @@ def _opcheck_cases(args, kwargs, backend):
     grad = torch.randn_like(x).detach()
     cases = [(norm_mod_op, (x, s, t, eps, backend), {}),
              (norm_mod_backward_op, (grad, x.detach(), s.detach(), eps, backend), {})]
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         cases += [(torch.ops.wuerstchen_fast_C.norm_mod.default, (x.detach(), s.detach(), t.detach(), eps), {}),
                   (torch.ops.wuerstchen_fast_C.norm_mod_backward.default, (grad, x.detach(), s.detach(), eps), {})]
     return cases
@@ -162,12 +172,14 @@ SPEC = registry.OpSpec(
     opcheck_cases=_opcheck_cases,
     triton_modules=("wuerstchen_fast.kernels.triton.mixing",),
     # cpu: the reference until bench/bench_ops_ext.py measures the extension faster on a quiet CPU.
+    # cuda: the CUDA kernels (backend="cuda") are not in auto's order until measured on a GPU.
     priority={"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")},
 )
 SPEC.add(registry.Impl("torch", reference.mixing.norm_mod, _check_torch, lambda: []))
 SPEC.add(registry.Impl("triton", _triton_fwd, _check_triton, bk.triton_available))
-SPEC.add(registry.Impl("cpu", lambda x, s, t, eps=1e-6: norm_mod_op(x, s, t, eps, "cpu"), _check_ext("cpu"),
-                       _ext_available("cpu")))
+for _dev in ("cpu", "cuda"):
+    SPEC.add(registry.Impl(_dev, lambda x, s, t, eps=1e-6, _d=_dev: norm_mod_op(x, s, t, eps, _d), _check_ext(_dev),
+                           _ext_available(_dev)))
 registry.register_op(SPEC)
 
 
@@ -188,7 +200,8 @@ def norm_mod(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: flo
 # follows norm_mod in MixingResidualBlock. One Triton kernel forward; backward one kernel for dxn (the
 # transposed conv with the pad's border fold) that also writes the per-tile sums dweight, dbias and
 # dgamma are reduced from; dx is the incoming gradient (the residual). The `cpu` backend is
-# csrc/cpu/mixing_dwconv.cpp (per-plane padded tiles, at::vec; dgamma from the dweight/dbias sums).
+# csrc/cpu/mixing_dwconv.cpp (per-plane padded tiles, at::vec; dgamma from the dweight/dbias sums),
+# the `cuda` backend kernels/cuda/mixing.cu (NCHW planes, the same sums).
 
 def _dw_torch_fwd(x, xn, weight, bias, gamma):
     return empty_out_like(x).copy_(reference.mixing.dwconv_residual(x, xn, weight, bias, gamma))
@@ -223,8 +236,8 @@ def _dw_ext_bwd(grad, xn, weight, bias, gamma):
     return torch.ops.wuerstchen_fast_C.mixing_dwconv_backward(grad, xn, weight, bias, gamma)
 
 
-_DW_FWD = {"torch": _dw_torch_fwd, "triton": _dw_triton_fwd, "cpu": _dw_ext_fwd}
-_DW_BWD = {"torch": _dw_torch_bwd, "triton": _dw_triton_bwd, "cpu": _dw_ext_bwd}
+_DW_FWD = {"torch": _dw_torch_fwd, "triton": _dw_triton_fwd, "cpu": _dw_ext_fwd, "cuda": _dw_ext_fwd}
+_DW_BWD = {"torch": _dw_torch_bwd, "triton": _dw_triton_bwd, "cpu": _dw_ext_bwd, "cuda": _dw_ext_bwd}
 
 
 @torch.library.custom_op("wuerstchen_fast::mixing_dwconv", mutates_args=())
@@ -286,9 +299,11 @@ def _dw_check_triton(x, xn, weight, bias, gamma):
     return r
 
 
-def _dw_check_cpu(x, xn, weight, bias, gamma):
-    tensors = (x, xn, weight, bias, gamma)
-    return _dw_check_torch(*tensors) + bk.float_dtype(*tensors) + bk.on_device("cpu", *tensors)
+def _dw_check_ext(device):
+    def check(x, xn, weight, bias, gamma):
+        tensors = (x, xn, weight, bias, gamma)
+        return _dw_check_torch(*tensors) + bk.float_dtype(*tensors) + bk.on_device(device, *tensors)
+    return check
 
 
 def _dw_samples(device="cpu"):
@@ -310,7 +325,7 @@ def _dw_opcheck_cases(args, kwargs, backend):
     grad = torch.randn_like(x).detach()
     cases = [(mixing_dwconv_op, (x, xn, w, b, g, backend), {}),
              (mixing_dwconv_backward_op, (grad, xn.detach(), w.detach(), b.detach(), g.detach(), backend), {})]
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         plain = tuple(t.detach() for t in (x, xn, w, b, g))
         cases += [(torch.ops.wuerstchen_fast_C.mixing_dwconv.default, plain, {}),
                   (torch.ops.wuerstchen_fast_C.mixing_dwconv_backward.default, (grad,) + plain[1:], {})]
@@ -324,13 +339,15 @@ DW_SPEC = registry.OpSpec(
     opcheck_cases=_dw_opcheck_cases,
     triton_modules=("wuerstchen_fast.kernels.triton.mixing",),
     # cpu: the reference until bench/bench_ops_ext.py measures the extension faster on a quiet CPU.
+    # cuda: the CUDA kernels (backend="cuda") are not in auto's order until measured on a GPU.
     priority={"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")},
 )
 DW_SPEC.add(registry.Impl("torch", reference.mixing.dwconv_residual, _dw_check_torch, lambda: []))
 DW_SPEC.add(registry.Impl("triton", lambda x, xn, w, b, g: mixing_dwconv_op(x, xn, w, b, g, "triton"), _dw_check_triton,
                            bk.triton_available))
-DW_SPEC.add(registry.Impl("cpu", lambda x, xn, w, b, g: mixing_dwconv_op(x, xn, w, b, g, "cpu"), _dw_check_cpu,
-                           _ext_available("cpu", "mixing_dwconv")))
+for _dev in ("cpu", "cuda"):
+    DW_SPEC.add(registry.Impl(_dev, lambda x, xn, w, b, g, _d=_dev: mixing_dwconv_op(x, xn, w, b, g, _d),
+                               _dw_check_ext(_dev), _ext_available(_dev, "mixing_dwconv")))
 registry.register_op(DW_SPEC)
 
 
