@@ -4,6 +4,8 @@
              denoiser runs on batch 2 ([cond, uncond]), then the CFG lerp and the DDPM step
     stage_b  one step of the decoder at 1024x1024 (256x256 latents), guidance off (batch 1)
     stage_a  VQGAN decode of a 4x256x256 latent to a 1024x1024 image
+    stage_b01  a whole Stage B forward with the released decoder's level-0/1 widths (B01 below) on the
+             1x4x256x256 latent, at every size and dtype: the denoiser alone, no sampler step
 
 At size "released" (a GPU, bf16) the models have the v2 sizes; at "small" (a CPU, fp32) they keep
 the released layouts at narrow widths and smaller images, so the suite runs in minutes and never
@@ -41,6 +43,14 @@ GEOMETRY = {
     "small": dict(c_hw=(24, 24), b_hw=(128, 128), a_hw=(64, 64)),
 }[SIZE]
 
+# Issue 6's CPU target: a whole Stage B forward at the decoder's level-0/1 sizes. The released decoder's first
+# two levels (c_hidden 320 and 640, 10 heads at level 1, 1024-wide conditioning), one block per level and
+# side, on the 1x4x256x256 latent of a 1024x1024 image: level 0 runs at 128x128, level 1 at 64x64.
+B01 = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640], nhead=[-1, 10], blocks=[1, 1],
+           level_config=["CT", "CTA"], inject_effnet=[False, True], effnet_embd=16, clip_embd=1024, kernel_size=3,
+           dropout=0.0)
+B01_PROVIDERS = ("diffusers", "torch", "auto", "cpu", "cuda", "triton")
+
 STEP_PROVIDERS = ("diffusers", "diffusers-compile", "torch", "auto", "triton", "cuda", "cpu", "auto-compile",
                   "auto-cudagraphs", "auto-compile-cudagraphs")
 DECODE_PROVIDERS = ("diffusers", "diffusers-compile", "torch", "auto", "triton", "cuda", "cpu", "auto-compile")
@@ -56,8 +66,8 @@ def _models(stage: str):
         kw = dict(device=DEVICE)
         if stage == "stage_c":
             ref = make_diffusers_prior(2, **kw, **CFG["prior"])
-        elif stage == "stage_b":
-            ref = make_diffusers_decoder(4, **kw, **CFG["decoder"])
+        elif stage in ("stage_b", "stage_b01"):
+            ref = make_diffusers_decoder(4, **kw, **(CFG["decoder"] if stage == "stage_b" else B01))
             scale_output_heads_(ref)
         else:
             ref = make_diffusers_vqgan(5, **kw, **CFG["vqgan"])
@@ -87,6 +97,8 @@ def _inputs(stage: str, n_sets: int = 2):
             effnet_hw = tuple(max(1, round(s / 10.67)) for s in GEOMETRY["b_hw"])
             sets.append((x, t(0.6, DTYPE), t(0.6), t(0.4), randn(*x.shape), randn(1, d["effnet_embd"], *effnet_hw),
                          randn(1, 77, d["clip_embd"])))
+        elif stage == "stage_b01":  # the denoiser's own arguments (x, r, effnet, clip)
+            sets.append((randn(1, 4, 256, 256), t([0.6], DTYPE), randn(1, 16, 24, 24), randn(1, 77, 1024)))
         else:
             sets.append((randn(1, CFG["vqgan"]["latent_channels"], *GEOMETRY["a_hw"]),))
     return sets
@@ -127,6 +139,9 @@ def _callable(stage: str, provider: str):
         if provider == "auto-compile":
             return torch.compile(ours.decode, dynamic=False), None
         return ours.decode, request
+
+    if stage == "stage_b01":  # the bare forward, no sampler step
+        return (ref if provider == "diffusers" else ours), request
 
     guidance = 4.0 if stage == "stage_c" else 0.0
     if provider == "diffusers":
@@ -171,3 +186,8 @@ def test_stage_b_step(benchmark, measure, provider):
 def test_stage_a_decode(benchmark, measure, provider):
     h, w = GEOMETRY["a_hw"]
     _run(benchmark, measure, "stage_a", provider, f"decode 4x{h}x{w}")
+
+
+@pytest.mark.parametrize("provider", B01_PROVIDERS)
+def test_stage_b_forward_levels01(benchmark, measure, provider):
+    _run(benchmark, measure, "stage_b01", provider, "forward 1x4x256x256 released level-0/1 widths")
