@@ -153,7 +153,7 @@ def _callable(stage: str, provider: str):
     return _step_fn(ours, guidance), request
 
 
-def _run(benchmark, measure, stage: str, provider: str, label: str):
+def _run(benchmark, measure, stage: str, provider: str, label: str, min_rounds: int = 3):
     fn, request = _callable(stage, provider)
     sets = _inputs(stage)
 
@@ -166,7 +166,7 @@ def _run(benchmark, measure, stage: str, provider: str, label: str):
     flops = _FLOPS[stage]
     with torch.no_grad():
         out = measure(benchmark, call, sets, group=f"{stage} {label} {SIZE} {str(DTYPE)[6:]}", provider=provider,
-                      baseline=provider == "diffusers", flops=flops, min_rounds=3)
+                      baseline=provider == "diffusers", flops=flops, min_rounds=min_rounds)
     assert torch.isfinite(out).all()
 
 
@@ -190,4 +190,5 @@ def test_stage_a_decode(benchmark, measure, provider):
 
 @pytest.mark.parametrize("provider", B01_PROVIDERS)
 def test_stage_b_forward_levels01(benchmark, measure, provider):
-    _run(benchmark, measure, "stage_b01", provider, "forward 1x4x256x256 released level-0/1 widths")
+    # 2.5 s a call on a 2-core CPU, where 3 rounds left the median ±10% between runs: 9 rounds.
+    _run(benchmark, measure, "stage_b01", provider, "forward 1x4x256x256 released level-0/1 widths", min_rounds=9)
