@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "../../csrc/dwconv_host.h"
+#include "welford.cuh"
 
 namespace wf {
 namespace {
@@ -41,35 +42,7 @@ __device__ __forceinline__ Pack<T, N> load(const T* p) {
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
-// Running statistics: count, mean, M2 of d; for the backward gs = Σg and ga = Σg·(d - mean).
-struct Acc {
-  float n, mean, m2, gs, ga;
-};
-
-template <bool BWD>
-__device__ __forceinline__ Acc merge(const Acc& a, const Acc& b) {
-  const float n = a.n + b.n;
-  const float wb = n > 0.f ? b.n / n : 0.f;
-  const float delta = b.mean - a.mean, mean = a.mean + delta * wb;
-  Acc r{n, mean, a.m2 + b.m2 + delta * delta * a.n * wb, 0.f, 0.f};
-  if constexpr (BWD) {
-    r.ga = a.ga - (mean - a.mean) * a.gs + b.ga - (mean - b.mean) * b.gs;
-    r.gs = a.gs + b.gs;
-  }
-  return r;
-}
-
-template <bool BWD>
-__device__ __forceinline__ Acc warp_merge(Acc a) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const Acc o{__shfl_xor_sync(0xffffffffu, a.n, off), __shfl_xor_sync(0xffffffffu, a.mean, off),
-                __shfl_xor_sync(0xffffffffu, a.m2, off), BWD ? __shfl_xor_sync(0xffffffffu, a.gs, off) : 0.f,
-                BWD ? __shfl_xor_sync(0xffffffffu, a.ga, off) : 0.f};
-    a = merge<BWD>(a, o);
-  }
-  return a;
-}
+// Statistics (count, mean, M2 of d; backward Σg, Σg·(d - mean)): welford.cuh.
 
 struct Pixel {
   int64_t img;  // index of the image's first pixel, b*H*W
@@ -102,25 +75,6 @@ __device__ __forceinline__ void conv_pack(const T* __restrict__ x, const float* 
 }
 
 // The statistics of one pack, as an Acc to merge.
-template <bool BWD, int N>
-__device__ __forceinline__ Acc pack_acc(const float (&d)[N], const float (&g)[N]) {
-  float m = 0.f;
-#pragma unroll
-  for (int k = 0; k < N; ++k) m += d[k];
-  m *= 1.f / N;
-  Acc a{float(N), m, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    const float dv = d[k] - m;
-    a.m2 = fmaf(dv, dv, a.m2);
-    if constexpr (BWD) {
-      a.gs += g[k];
-      a.ga = fmaf(g[k], dv, a.ga);
-    }
-  }
-  return a;
-}
-
 template <typename T, int N>
 __global__ void __launch_bounds__(THREADS)
 dwconv_ln_fwd_kernel(const T* __restrict__ x, const float* __restrict__ taps, const float* __restrict__ bias,

@@ -3,7 +3,7 @@
 // Math: y = (x - mean) * rstd over the C channels of each pixel, rstd = 1/sqrt(var + eps);
 // backward recomputes mean and rstd from x and also needs Σdy and Σdy·(x - mean):
 //   dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
-// Statistics: Welford per thread, Chan's merge across threads (see Acc below).
+// Statistics: Welford per thread, Chan's merge across threads (welford.cuh).
 // Layout and threads, a block of 32 x 8 threads:
 //   NCHW: the 32 lanes take 32 neighbouring pixels (coalesced along H*W); the 8 warps split the
 //         channels; partial statistics are merged across warps in shared memory.
@@ -17,20 +17,14 @@
 #include <torch/library.h>
 
 #include "../../csrc/layout.h"
+#include "welford.cuh"
 
 namespace wf {
 namespace {
 
 constexpr int LANES = 32, WARPS = 8;
 
-// Running statistics of one pixel's channels: Welford (count, mean, M2) for x, and for the
-// backward gs = Σdy and ga = Σdy·(x - mean), kept relative to the running mean (when the mean moves
-// by δ, ga -= δ·gs). A plain float32 sum over C = 1280 channels is several times less accurate
-// than torch's own LayerNorm; Welford per thread and Chan's merge across threads are not.
-struct Acc {
-  float n, mean, m2, gs, ga;
-};
-
+// One value's Welford step into a pixel's running statistics (Acc, welford.cuh).
 template <bool BACKWARD>
 __device__ __forceinline__ void push(Acc& a, float v, float g) {
   a.n += 1.f;
@@ -41,32 +35,6 @@ __device__ __forceinline__ void push(Acc& a, float v, float g) {
     a.gs += g;
   }
   a.mean = new_mean;
-}
-
-// Branch-free: an empty side (n = 0, all sums 0) gives weight 0 to itself and leaves the other intact.
-template <bool BACKWARD>
-__device__ __forceinline__ Acc merge(const Acc& a, const Acc& b) {
-  const float n = a.n + b.n;
-  const float wb = n > 0.f ? b.n / n : 0.f;  // b's share of the merged count
-  const float delta = b.mean - a.mean, mean = a.mean + delta * wb;
-  Acc r{n, mean, a.m2 + b.m2 + delta * delta * a.n * wb, 0.f, 0.f};
-  if constexpr (BACKWARD) {
-    r.ga = a.ga - (mean - a.mean) * a.gs + b.ga - (mean - b.mean) * b.gs;
-    r.gs = a.gs + b.gs;
-  }
-  return r;
-}
-
-template <bool BACKWARD>
-__device__ __forceinline__ Acc warp_merge(Acc a) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const Acc o{__shfl_xor_sync(0xffffffffu, a.n, off), __shfl_xor_sync(0xffffffffu, a.mean, off),
-                __shfl_xor_sync(0xffffffffu, a.m2, off), __shfl_xor_sync(0xffffffffu, a.gs, off),
-                __shfl_xor_sync(0xffffffffu, a.ga, off)};
-    a = merge<BACKWARD>(a, o);
-  }
-  return a;
 }
 
 // Merge the WARPS partials of each lane's column of a (WARPS, LANES) block; every thread gets its

@@ -53,6 +53,7 @@
 #include <cstdint>
 
 #include "../../csrc/mixing_host.h"
+#include "welford.cuh"
 
 namespace wf {
 namespace {
@@ -131,38 +132,8 @@ __device__ __forceinline__ void block_sum(float (&v)[K]) {
 }
 
 // ============================================================================== norm_mod
-// Running statistics of one pixel: Welford (n, mean, m2) and for the backward gs = Σg, ga = Σg(x - mean).
-struct Acc {
-  float n, mean, m2, gs, ga;
-};
-
-// Branch-free Chan merge: an empty side (n = 0, sums 0) leaves the other intact. Divisions here and in
-// the Welford step are __fdividef (2 ulp): the IEEE division's slow path is a call whose saved
-// registers ptxas reports as spills.
-template <bool BWD>
-__device__ __forceinline__ Acc merge(const Acc& a, const Acc& b) {
-  const float n = a.n + b.n;
-  const float wb = n > 0.f ? __fdividef(b.n, n) : 0.f;
-  const float delta = b.mean - a.mean, mean = a.mean + delta * wb;
-  Acc r{n, mean, a.m2 + b.m2 + delta * delta * a.n * wb, 0.f, 0.f};
-  if constexpr (BWD) {
-    r.ga = a.ga - (mean - a.mean) * a.gs + b.ga - (mean - b.mean) * b.gs;
-    r.gs = a.gs + b.gs;
-  }
-  return r;
-}
-
-template <bool BWD>
-__device__ __forceinline__ Acc warp_merge(Acc a) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const Acc o{__shfl_xor_sync(0xffffffffu, a.n, off), __shfl_xor_sync(0xffffffffu, a.mean, off),
-                __shfl_xor_sync(0xffffffffu, a.m2, off), BWD ? __shfl_xor_sync(0xffffffffu, a.gs, off) : 0.f,
-                BWD ? __shfl_xor_sync(0xffffffffu, a.ga, off) : 0.f};
-    a = merge<BWD>(a, o);
-  }
-  return a;
-}
+// Statistics: welford.cuh (Acc, merge, warp_merge, pack_acc), merged here with __fdividef (FAST_DIV):
+// the IEEE division's slow path is a call whose saved registers ptxas reports as spills.
 
 // Output coefficients of one pixel. Forward: y = a·x + c. Backward: dx = a·g + b·x + c; ds, dt: the
 // pixel's Σg·xhat and Σg.
@@ -225,7 +196,7 @@ norm_mod_nchw_kernel(const T* __restrict__ g, const T* __restrict__ x, const flo
       __syncthreads();
       Acc s = buf[0][lane];
 #pragma unroll
-      for (int w = 1; w < WARPS; ++w) s = merge<BWD>(s, buf[w][lane]);
+      for (int w = 1; w < WARPS; ++w) s = merge<BWD, true>(s, buf[w][lane]);
       __syncthreads();
       const Coef q = coef<BWD>(s, inv_c, eps, A, t);
       mean[k] = q.a;
@@ -265,25 +236,6 @@ norm_mod_nchw_kernel(const T* __restrict__ g, const T* __restrict__ x, const flo
 }
 
 // The statistics of one pack of N channels, as an Acc to merge.
-template <bool BWD, int N>
-__device__ __forceinline__ Acc pack_acc(const float (&v)[N], const float (&g)[N]) {
-  float m = 0.f;
-#pragma unroll
-  for (int k = 0; k < N; ++k) m += v[k];
-  m *= 1.f / N;
-  Acc a{float(N), m, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    const float d = v[k] - m;
-    a.m2 = fmaf(d, d, a.m2);
-    if constexpr (BWD) {
-      a.gs += g[k];
-      a.ga = fmaf(g[k], d, a.ga);
-    }
-  }
-  return a;
-}
-
 template <typename T, int N, bool BWD>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 norm_mod_nhwc_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ scale,
@@ -305,9 +257,9 @@ norm_mod_nhwc_kernel(const T* __restrict__ g, const T* __restrict__ x, const flo
 #pragma unroll
         for (int k = 0; k < N; ++k) gv[k] = float(gp.v[k]);
       }
-      s = merge<BWD>(s, pack_acc<BWD, N>(v, gv));
+      s = merge<BWD, true>(s, pack_acc<BWD, N>(v, gv));
     }
-    const Coef q = coef<BWD>(warp_merge<BWD>(s), inv_c, eps, A, t);
+    const Coef q = coef<BWD>(warp_merge<BWD, true>(s), inv_c, eps, A, t);
     if (BWD && lane == 0) {
       dsum += q.ds;
       dtsum += q.dt;
