@@ -118,13 +118,14 @@ def pretrain_compressor(*, seed: int = 0, steps: int = 600, batch: int = 64, poo
         comp.eval()
 
         @torch.no_grad()
-        def accuracy(ds, n):
-            x, y = _attribute_batch(ds, range(n), image_size)
-            z = torch.cat([comp(x[i:i + 256]).flatten(1) for i in range(0, n, 256)])
+        def accuracy(x, y):
+            z = torch.cat([comp(x[i:i + 256]).flatten(1) for i in range(0, len(x), 256)])
             return {k: round(100.0 * float((h(z).argmax(1) == y[k]).float().mean()), 2) for k, h in heads.items()}
 
-        acc = {"train": accuracy(train_ds, min(pool, n_eval)),
-               "heldout": accuracy(ShapesDataset(size=256, length=n_eval, seed=3000 + seed, split="heldout"), n_eval)}
+        n = min(pool, n_eval)  # the training pictures are already rendered: score the first n of them
+        heldout = ShapesDataset(size=256, length=n_eval, seed=3000 + seed, split="heldout")
+        acc = {"train": accuracy(x_all[:n], {k: v[:n] for k, v in y_all.items()}),
+               "heldout": accuracy(*_attribute_batch(heldout, range(n_eval), image_size))}
     return comp, acc
 
 
