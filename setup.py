@@ -100,7 +100,11 @@ def extensions():
                                  cuda_version=torch.version.cuda if with_cuda else "")
     macros = [("WF_WITH_CUDA", None)] if with_cuda else []
     isa, isa_flags = cpu_isa_flags()
-    cxx = ["-O3", *isa_flags]
+    # at::parallel_for is OpenMP in PyTorch's CPU builds and inlined into our code: without -fopenmp its
+    # pragma is ignored and every CPU kernel runs on one thread. The libgomp it links is the one torch
+    # has already loaded (same soname), so there is one OpenMP runtime and one thread pool.
+    omp = ["-fopenmp"] if os.name != "nt" and platform.system() != "Darwin" else []
+    cxx = ["-O3", *isa_flags, *omp]
     extra = {"cxx": cxx}
     if with_cuda:
         extra["nvcc"] = ["-O3", "-lineinfo"]
@@ -108,7 +112,8 @@ def extensions():
     print(f"wuerstchen_fast: building _C with CUDA={'yes (archs ' + archs + ')' if with_cuda else 'no'}; "
           f"CPU kernels for {isa}; {len(sources)} sources")
     ext = ext_cls("wuerstchen_fast._C", sources=sources, define_macros=macros,
-                  extra_compile_args=extra, include_dirs=[str(ROOT / "csrc"), str(generated)])
+                  extra_compile_args=extra, extra_link_args=omp,
+                  include_dirs=[str(ROOT / "csrc"), str(generated)])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -52,6 +52,7 @@ TORCH_LIBRARY(wuerstchen_fast_C, m) {
 
 namespace wf {
 const char* cpu_isa();  // csrc/cpu/fused_elementwise.cpp: the instruction set of the CPU kernels (isa.h)
+int64_t cpu_parallel_chunks(int64_t n);  // csrc/cpu/fused_elementwise.cpp: chunks at::parallel_for ran
 }  // namespace wf
 
 namespace {
@@ -68,6 +69,11 @@ pybind11::dict build_info() {
   d["cuda_version"] = WF_CUDA_VERSION;
   d["cuda_archs"] = WF_CUDA_ARCHS;
   d["cpu_isa"] = wf::cpu_isa();
+#ifdef _OPENMP
+  d["cpu_parallel"] = "openmp";  // at::parallel_for in the CPU kernels runs on torch's OpenMP threads
+#else
+  d["cpu_parallel"] = "serial";  // built without OpenMP: the CPU kernels run on one thread
+#endif
   return d;
 }
 
@@ -76,4 +82,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "wuerstchen_fast compiled kernels (ops live under torch.ops.wuerstchen_fast_C)";
   m.def("build_info", &build_info, "What this extension was built with.");
+  m.def("parallel_chunks", &wf::cpu_parallel_chunks, pybind11::arg("n"),
+        "How many chunks the extension's at::parallel_for splits n unit tasks into (its thread count).");
 }

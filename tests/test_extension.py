@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from wuerstchen_fast._extension import build_info
+from wuerstchen_fast._extension import build_info, extension
 
 # A child process in which importing wuerstchen_fast._C fails as it does for a source checkout or an
 # extension built against another torch; the package must warn once and keep torch/triton working.
@@ -49,8 +49,25 @@ def test_build_info_records_torch_cuda_and_revision():
     assert info["torch_version"] == torch.__version__
     assert info["git_revision"]
     assert info["cpu_isa"] in ("avx2", "baseline")  # csrc/cpu/isa.h
+    assert info["cpu_parallel"] in ("openmp", "serial")
     if info["with_cuda"]:
         assert info["cuda_archs"] and info["cuda_version"] == torch.version.cuda
+
+
+def test_cpu_kernels_run_on_torchs_threads():
+    # at::parallel_for is inlined into the extension: built without OpenMP it silently runs every CPU
+    # kernel on one thread (setup.py / CMakeLists.txt pass -fopenmp for this).
+    ext = extension()
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert ext.build_info()["cpu_parallel"] == "openmp"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ext.parallel_chunks(64) == 2
+        torch.set_num_threads(1)
+        assert ext.parallel_chunks(64) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("call,message", [

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "../fused_host.h"
@@ -397,6 +398,12 @@ at::Tensor grn_apply_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_i
 }  // namespace
 
 const char* cpu_isa() { return WF_CPU_ISA; }
+
+int64_t cpu_parallel_chunks(int64_t n) {
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+  return chunks.load();
+}
 
 }  // namespace wf
 
