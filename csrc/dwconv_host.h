@@ -1,6 +1,7 @@
 // Host-side argument handling of dwconv_ln shared by the CPU and CUDA entry points.
 //
-// Kernels see: x channels-last dense (B, H, W, C) in its own dtype, the taps as float32 (9, C)
+// Kernels see: x channels-last dense (B, H, W, C) in its own dtype (or, where the caller asks for it with
+// keep_nchw, a contiguous (B, C, H, W) x as it is: the CPU forward reads it without a copy), the taps as float32 (9, C)
 // (tap t = 3*ky + kx, channels contiguous, so a vector of channels loads one tap at once) and the
 // bias as float32 (C,). Outputs (y, dx) are allocated channels-last.
 #pragma once
@@ -11,13 +12,15 @@
 namespace wf {
 
 struct DwArgs {
-  at::Tensor x;     // (B, C, H, W), channels-last strides, dense
+  at::Tensor x;     // (B, C, H, W), channels-last strides, dense; contiguous when nchw
   at::Tensor taps;  // (9, C) float32
   at::Tensor bias;  // (C,) float32
   int64_t B, C, H, W;
+  bool nchw = false;  // x is contiguous (B, C, H, W), not channels-last
 };
 
-inline DwArgs dw_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const char* op) {
+inline DwArgs dw_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const char* op,
+                      bool keep_nchw = false) {
   TORCH_CHECK(x.dim() == 4, op, ": expected a 4-d (B, C, H, W) tensor, got ", x.dim(), " dims");
   check_float_dtype(x, op);
   const int64_t C = x.size(1);
@@ -29,7 +32,8 @@ inline DwArgs dw_args(const at::Tensor& x, const at::Tensor& weight, const at::T
   TORCH_CHECK(weight.device() == x.device() && bias.device() == x.device(), op,
               ": x, weight and bias must be on one device");
   DwArgs a;
-  a.x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  a.nchw = keep_nchw && x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  a.x = a.nchw ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   a.taps = weight.reshape({C, 9}).t().to(at::kFloat).contiguous();
   a.bias = bias.to(at::kFloat).contiguous();
   a.B = x.size(0);

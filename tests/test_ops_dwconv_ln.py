@@ -17,7 +17,8 @@ SPEC = registry.get_op("dwconv_ln")
 BACKENDS = [b for b in ("triton", "cpu", "cuda") if b in SPEC.impls and not SPEC.impls[b].available()]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C, H, W): odd C, 1-pixel rows and columns, odd sides, the Stage C side (24), a Stage B width.
-SHAPES = [(2, 7, 5, 3), (1, 9, 1, 1), (1, 7, 1, 6), (2, 16, 24, 24), (1, 320, 3, 5), (1, 320, 24, 24)]
+# (1, 13, 4, 13): the CPU's NCHW path with overlapping row vectors and channel and pixel tails.
+SHAPES = [(2, 7, 5, 3), (1, 9, 1, 1), (1, 7, 1, 6), (2, 16, 24, 24), (1, 320, 3, 5), (1, 320, 24, 24), (1, 13, 4, 13)]
 
 
 def _inputs(shape, dtype, layout, seed=0):

@@ -36,24 +36,44 @@ struct Geo {
   int64_t B, C, H, W;
 };
 
-// d[0:C] = bias + Σ_t taps[t] ⊙ x[n(p, t)] for pixel (b, y, x0), float32.
+// d[0:C] = bias + Σ_t taps[t] ⊙ x[n(p, t)] for pixel (b, y, x0), float32: the taps in (ky, kx) order
+// accumulate in registers, two vectors of channels at a time, and d is written once.
 template <typename T>
 inline void conv_pixel(const T* x, const float* taps, const float* bias, float* d, const Geo& g, int64_t b, int64_t y,
                        int64_t x0) {
   const int64_t C = g.C;
-  std::memcpy(d, bias, C * sizeof(float));
+  const T* src[9];
+  const float* w[9];
+  int n = 0;
   for (int64_t ky = 0; ky < 3; ++ky) {
     const int64_t yy = y + ky - 1;
     if (yy < 0 || yy >= g.H) continue;
     for (int64_t kx = 0; kx < 3; ++kx) {
       const int64_t xx = x0 + kx - 1;
       if (xx < 0 || xx >= g.W) continue;
-      const T* src = x + ((b * g.H + yy) * g.W + xx) * C;
-      const float* w = taps + (ky * 3 + kx) * C;
-      int64_t c = 0;
-      for (; c + VL <= C; c += VL) at::vec::fmadd(ld(src + c), Vec::loadu(w + c), Vec::loadu(d + c)).store(d + c);
-      for (; c < C; ++c) d[c] += float(src[c]) * w[c];
+      src[n] = x + ((b * g.H + yy) * g.W + xx) * C;
+      w[n++] = taps + (ky * 3 + kx) * C;
     }
+  }
+  int64_t c = 0;
+  for (; c + 2 * VL <= C; c += 2 * VL) {
+    Vec a0 = Vec::loadu(bias + c), a1 = Vec::loadu(bias + c + VL);
+    for (int i = 0; i < n; ++i) {
+      a0 = at::vec::fmadd(ld(src[i] + c), Vec::loadu(w[i] + c), a0);
+      a1 = at::vec::fmadd(ld(src[i] + c + VL), Vec::loadu(w[i] + c + VL), a1);
+    }
+    a0.store(d + c);
+    a1.store(d + c + VL);
+  }
+  for (; c + VL <= C; c += VL) {
+    Vec a = Vec::loadu(bias + c);
+    for (int i = 0; i < n; ++i) a = at::vec::fmadd(ld(src[i] + c), Vec::loadu(w[i] + c), a);
+    a.store(d + c);
+  }
+  for (; c < C; ++c) {
+    float a = bias[c];
+    for (int i = 0; i < n; ++i) a = std::fma(float(src[i][c]), w[i][c], a);
+    d[c] = a;
   }
 }
 
@@ -101,6 +121,184 @@ void forward(const T* x, const float* taps, const float* bias, T* y, const Geo& 
         // One rounding per value: (d - mean) * rstd in double (the loop auto-vectorises).
         for (int64_t c = 0; c < C; ++c) out[c] = T(float((double(d[c]) - n.mean_d) * n.rstd_d));
       }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ forward from a contiguous NCHW x
+// The blocks hand dwconv_ln their NCHW residual stream; copying it to channels-last first costs more than
+// the kernel (a strided transpose of the whole tensor). This path reads the planes as they are, one image
+// row (b, y) per task:
+//   1. every channel's conv row into D (C, Wp) float32, vectors along the row (the same (ky, kx) fused
+//      multiply-add order as the channels-last path, so both give the same d);
+//   2. per pixel, mean and variance over D's column (two passes, float32 vectors over pixels flushed to
+//      double every kFlush channels), mean m (rounded to float) and rstd;
+//   3. y = (d - m)·rstd + (m_exact - m)·(-rstd), pixels in lanes, then 8x8 transposes into the
+//      channels-last output rows.
+// D is C·Wp floats per thread (L2-resident at the released shapes: at most 1536·24 or 320·128).
+constexpr int64_t kFlush = 16;
+
+// d[0:W] for one channel plane and output row yy. Vectors start at x0 = 1, 1 + VL, ... and a last one
+// at W - 1 - VL (overlapping the one before: the same values again), so that every vector reads inside
+// the row; pixels 0 and W - 1 are scalar. Rows narrower than VL + 2 go through a zero-padded copy.
+template <typename T>
+inline void conv_row_nchw(const T* plane, const float* taps, int64_t C, int64_t c, float bias, float* d, int64_t yy,
+                          int64_t H, int64_t W) {
+  const T* rows[3];
+  float ws[3][3];
+  for (int64_t ky = 0; ky < 3; ++ky) {
+    const int64_t ys = yy + ky - 1;
+    rows[ky] = (ys >= 0 && ys < H) ? plane + ys * W : nullptr;
+    for (int64_t kx = 0; kx < 3; ++kx) ws[ky][kx] = taps[(ky * 3 + kx) * C + c];
+  }
+  if (W < VL + 2) {
+    for (int64_t x0 = 0; x0 < W; x0 += VL) {
+      Vec a(bias);
+      for (int64_t ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+        float buf[VL + 2];
+        for (int64_t j = 0; j < VL + 2; ++j) {
+          const int64_t xs = x0 - 1 + j;
+          buf[j] = (xs >= 0 && xs < W) ? float(rows[ky][xs]) : 0.f;
+        }
+        for (int64_t kx = 0; kx < 3; ++kx) a = at::vec::fmadd(Vec::loadu(buf + kx), Vec(ws[ky][kx]), a);
+      }
+      a.store(d + x0);
+    }
+    return;
+  }
+  const Vec vb(bias), w00(ws[0][0]), w01(ws[0][1]), w02(ws[0][2]), w10(ws[1][0]), w11(ws[1][1]), w12(ws[1][2]),
+      w20(ws[2][0]), w21(ws[2][1]), w22(ws[2][2]);
+  auto vec_at = [&](int64_t x0) {  // 1 <= x0 <= W - 1 - VL
+    Vec a = vb;
+    if (rows[0] != nullptr) {
+      const T* r = rows[0] + x0;
+      a = at::vec::fmadd(ld(r - 1), w00, a);
+      a = at::vec::fmadd(ld(r), w01, a);
+      a = at::vec::fmadd(ld(r + 1), w02, a);
+    }
+    const T* r = rows[1] + x0;
+    a = at::vec::fmadd(ld(r - 1), w10, a);
+    a = at::vec::fmadd(ld(r), w11, a);
+    a = at::vec::fmadd(ld(r + 1), w12, a);
+    if (rows[2] != nullptr) {
+      r = rows[2] + x0;
+      a = at::vec::fmadd(ld(r - 1), w20, a);
+      a = at::vec::fmadd(ld(r), w21, a);
+      a = at::vec::fmadd(ld(r + 1), w22, a);
+    }
+    a.store(d + x0);
+  };
+  int64_t x0 = 1;
+  for (; x0 + VL <= W - 1; x0 += VL) vec_at(x0);
+  if (x0 < W - 1) vec_at(W - 1 - VL);
+  float a0 = bias, a1 = bias;  // the edge pixels 0 and W - 1 (W >= 3 here), taps in the same order
+  for (int64_t ky = 0; ky < 3; ++ky) {
+    const T* r = rows[ky];
+    if (r == nullptr) continue;
+    a0 = std::fma(float(r[0]), ws[ky][1], a0);
+    a0 = std::fma(float(r[1]), ws[ky][2], a0);
+    a1 = std::fma(float(r[W - 2]), ws[ky][0], a1);
+    a1 = std::fma(float(r[W - 1]), ws[ky][1], a1);
+  }
+  d[0] = a0;
+  d[W - 1] = a1;
+}
+
+// Asks for row ys of a plane (every cache line of it) ahead of its use: a channel's row yy + 1 is the one
+// no earlier output row has touched, and its load would otherwise stall the conv on the L3.
+constexpr int64_t kAhead = 8;  // channels ahead
+
+template <typename T>
+inline void prefetch_row(const T* plane, int64_t ys, int64_t W) {
+  const char* p = reinterpret_cast<const char*>(plane + ys * W);
+  const int64_t n = W * int64_t(sizeof(T));
+  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(p + o);
+  __builtin_prefetch(p + n - 1);
+}
+
+// Σ over the C rows of D (stride Wp) of f(D[c][x0:x0+VL]), float32 per kFlush rows, then double, into s[0:VL].
+template <typename F>
+inline void column_sum(const float* D, int64_t C, int64_t Wp, int64_t x0, double* s, F f) {
+  for (int64_t j = 0; j < VL; ++j) s[j] = 0;
+  float buf[VL];
+  for (int64_t c0 = 0; c0 < C; c0 += kFlush) {
+    const int64_t c1 = std::min(C, c0 + kFlush);
+    Vec acc(0.f);
+    for (int64_t c = c0; c < c1; ++c) acc = acc + f(Vec::loadu(D + c * Wp + x0));
+    acc.store(buf);
+    for (int64_t j = 0; j < VL; ++j) s[j] += buf[j];
+  }
+}
+
+template <typename T>
+void forward_nchw(const T* x, const float* taps, const float* bias, T* y, const Geo& g, float eps) {
+  const int64_t C = g.C, H = g.H, W = g.W, Wp = (W + VL - 1) / VL * VL;
+  at::parallel_for(0, g.B * H, row_grain(g), [&](int64_t r0, int64_t r1) {
+    std::vector<float> Dbuf(C * Wp), stat(4 * Wp), tile(2 * VL * VL);
+    std::vector<double> sums(Wp);
+    float *D = Dbuf.data(), *mean = stat.data(), *rstd = mean + Wp, *corr = rstd + Wp, *S = corr + Wp;
+    double* Sd = sums.data();
+    float *t0 = tile.data(), *t1 = t0 + VL * VL;
+    double s[VL];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, yy = r % H;
+      // the conv rows, their column sums (float32 in S, flushed to double in Sd every kFlush channels)
+      std::fill(Sd, Sd + Wp, 0.0);
+      for (int64_t c0 = 0; c0 < C; c0 += kFlush) {
+        const int64_t c1 = std::min(C, c0 + kFlush);
+        for (int64_t c = c0; c < c1; ++c) {
+          if (c + kAhead < C && yy + 1 < H) prefetch_row(x + (b * C + c + kAhead) * H * W, yy + 1, W);
+          conv_row_nchw(x + (b * C + c) * H * W, taps, C, c, bias[c], D + c * Wp, yy, H, W);
+        }
+        for (int64_t x0 = 0; x0 < Wp; x0 += VL) {  // the block's rows are still in L1
+          Vec acc(0.f);
+          for (int64_t c = c0; c < c1; ++c) acc = acc + Vec::loadu(D + c * Wp + x0);
+          acc.store(S);
+          for (int64_t j = 0; j < VL; ++j) Sd[x0 + j] += S[j];
+        }
+      }
+      for (int64_t x0 = 0; x0 < Wp; x0 += VL) {
+        double md[VL];
+        for (int64_t j = 0; j < VL; ++j) {
+          md[j] = Sd[x0 + j] / C;
+          mean[x0 + j] = float(md[j]);
+        }
+        const Vec vm = Vec::loadu(mean + x0);
+        column_sum(D, C, Wp, x0, s, [&](const Vec& v) {
+          const Vec e = v - vm;
+          return e * e;
+        });
+        for (int64_t j = 0; j < VL; ++j) {  // Σ(d - m)² = Σ(d - m_f)² - C (m - m_f)²
+          const double shift = md[j] - mean[x0 + j];
+          const double var = std::max(s[j] / C - shift * shift, 0.0), rs = 1.0 / std::sqrt(var + eps);
+          rstd[x0 + j] = float(rs);
+          corr[x0 + j] = float(-shift * rs);
+        }
+      }
+      T* out = y + r * W * C;  // channels-last row: pixel p's channels at out + p·C
+      int64_t x0 = 0;
+      for (; x0 + VL <= W; x0 += VL) {
+        const Vec vm = Vec::loadu(mean + x0), vr = Vec::loadu(rstd + x0), vc = Vec::loadu(corr + x0);
+        int64_t c = 0;
+        for (; c + VL <= C; c += VL) {
+          for (int64_t i = 0; i < VL; ++i)
+            at::vec::fmadd(Vec::loadu(D + (c + i) * Wp + x0) - vm, vr, vc).store(t0 + i * VL);
+          if constexpr (std::is_same_v<T, float>) {
+            at::vec::transpose_mxn<float, VL, VL>(t0, VL, out + x0 * C + c, C);
+          } else {
+            at::vec::transpose_mxn<float, VL, VL>(t0, VL, t1, VL);
+            for (int64_t j = 0; j < VL; ++j) st(out + (x0 + j) * C + c, Vec::loadu(t1 + j * VL));
+          }
+        }
+        for (; c < C; ++c)
+          for (int64_t j = 0; j < VL; ++j) {
+            const int64_t p = x0 + j;
+            out[p * C + c] = T(std::fma(D[c * Wp + p] - mean[p], rstd[p], corr[p]));
+          }
+      }
+      for (; x0 < W; ++x0)
+        for (int64_t c = 0; c < C; ++c) out[x0 * C + c] = T(std::fma(D[c * Wp + x0] - mean[x0], rstd[x0], corr[x0]));
     }
   });
 }
@@ -203,13 +401,19 @@ void backward_dx(const float* dd, const float* taps, T* dx, const Geo& g) {
 }
 
 at::Tensor dwconv_ln_cpu(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  const DwArgs a = dw_args(x_in, weight, bias, "dwconv_ln");
+  const DwArgs a = dw_args(x_in, weight, bias, "dwconv_ln", /*keep_nchw=*/true);
   at::Tensor y = empty_channels_last(a.x);
   if (y.numel() == 0) return y;
   const Geo g{a.B, a.C, a.H, a.W};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "dwconv_ln_cpu", [&] {
-    forward<scalar_t>(a.x.const_data_ptr<scalar_t>(), a.taps.const_data_ptr<float>(), a.bias.const_data_ptr<float>(),
-                      y.mutable_data_ptr<scalar_t>(), g, float(eps));
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    const float *taps = a.taps.const_data_ptr<float>(), *bp = a.bias.const_data_ptr<float>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (a.nchw) {
+      forward_nchw<scalar_t>(xp, taps, bp, yp, g, float(eps));
+    } else {
+      forward<scalar_t>(xp, taps, bp, yp, g, float(eps));
+    }
   });
   return y;
 }
