@@ -62,10 +62,35 @@ def test_backend_runs_through_the_extension(monkeypatch):
     import wuerstchen_fast.ops.resblock_ext as ext
 
     calls, real = [], ext.forward
-    monkeypatch.setattr(ext, "forward", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(ext, "forward", lambda *a, **k: calls.append((a[-1], k["keep_h"])) or real(*a, **k))
     tensors, _, _ = _inputs(True, 1, 8, 3, 3, 4, torch.float32, "contiguous", False)
-    out = resblock_stage_b(*tensors, backend=EXT)
-    assert calls == [True] and out.shape == (1, 8, 3, 3)
+    out = resblock_stage_b(*tensors, backend=EXT)  # nothing needs a gradient: the inference variant
+    assert calls == [(True, False)] and out.shape == (1, 8, 3, 3)
+    resblock_stage_b(tensors[0].requires_grad_(True), *tensors[1:], backend=EXT)
+    assert calls[-1] == (True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stage_b", [False, True], ids=["stage_c", "stage_b"])
+def test_inference_variant_matches_the_reference(stage_b, dtype):
+    # No input needs a gradient: GELU and the GRN scale run in place in the hidden buffer (resblock_ext.forward
+    # keep_h=False), with the modulation folded as in sampling; same error bound as the training variant.
+    from wuerstchen_fast.ops.reference import modulate
+    from wuerstchen_fast.ops.resblock import EXT_NOGRAD, resblock_op
+    from wuerstchen_fast.testing.tolerance import assert_close_to_reference
+
+    tensors, mod, _ = _inputs(stage_b, 2, 16, 5, 6, 8 if stage_b else 0, dtype, "contiguous", True)
+    fn = resblock_stage_b if stage_b else resblock
+    with torch.no_grad():
+        out = fn(*tensors, mod=mod, backend=EXT)
+        ref = modulate(fn(*tensors, backend="torch"), *mod)
+        exact = modulate(fn(*[t.double() if t is not None else None for t in tensors], backend="torch"),
+                         *[m.double() for m in mod])
+        assert_close_to_reference(out, ref, exact, f"inference variant {'B' if stage_b else 'C'} {dtype}")
+        a = list(tensors)
+        a[6], a[7] = a[6].reshape(-1), a[7].reshape(-1)
+        h = resblock_op(*a, *mod, 1e-6, stage_b, EXT_NOGRAD)[4]
+        assert h.numel() == 0  # no pre-activation kept
 
 
 def test_auto_on_cpu_keeps_the_reference():

@@ -40,6 +40,9 @@ __all__ = ["resblock", "resblock_stage_b", "choose_variant", "record_variant", "
 
 VARIANTS = ("cublas", "triton_gemm")
 EXT = "ext"  # the cpu / cuda backends' forward and backward (ops/resblock_ext.py), not a triton variant
+# EXT when nothing needs a gradient (inference): the forward reuses its hidden buffer in place and keeps
+# no pre-activation (ops/resblock_ext.py says why); its backward is never called.
+EXT_NOGRAD = "ext_nograd"
 # (device name, dtype, B*H*W, C, 4C) -> variant, from measurements (bench/bench_ops_resblock.py).
 VARIANT_TABLE: dict = {}
 
@@ -159,9 +162,9 @@ def resblock_op(x: torch.Tensor, skip: Optional[torch.Tensor], dw_weight: torch.
                 b2: torch.Tensor, mod_a: Optional[torch.Tensor], mod_b: Optional[torch.Tensor], eps: float,
                 stage_b: bool, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor, torch.Tensor]:
-    if variant == EXT:
+    if variant in (EXT, EXT_NOGRAD):
         return resblock_ext.forward(x, skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps,
-                                    stage_b)
+                                    stage_b, keep_h=variant == EXT)
     return _forward(x, skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps, stage_b, variant)
 
 
@@ -170,9 +173,10 @@ def _(x, skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, ep
     B, C, H, W = x.shape
     M, N = B * H * W, w1.shape[0]
     pre = empty_out_like(x) if mod_a is not None else x.new_empty(0)
-    rstd = x.new_empty(0 if variant == EXT else M, dtype=torch.float32)  # ext: its backward recomputes the norm
-    return (empty_out_like(x), pre, x.new_empty(M, C), rstd, x.new_empty(M, N),
-            x.new_empty(3, B, N, dtype=torch.float64))
+    ext = variant in (EXT, EXT_NOGRAD)
+    rstd = x.new_empty(0 if ext else M, dtype=torch.float32)  # ext: its backward recomputes the norm
+    h = x.new_empty(0 if variant == EXT_NOGRAD else M, N)
+    return (empty_out_like(x), pre, x.new_empty(M, C), rstd, h, x.new_empty(3, B, N, dtype=torch.float64))
 
 
 @torch.library.custom_op("wuerstchen_fast::resblock_backward", mutates_args=())
@@ -207,6 +211,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *_unused):
+    if ctx.variant == EXT_NOGRAD:  # _call picks it only when no input needs a gradient
+        raise RuntimeError("resblock: the inference variant keeps no pre-activation and has no backward")
     x, skip, wd, bd, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, st = ctx.saved_tensors
     g = resblock_backward_op(grad, x, skip, wd, bd, w1, gamma, beta, w2, mod_a, out_pre, xn, rstd, h, st, ctx.eps,
                              ctx.stage_b, ctx.variant)
@@ -292,8 +298,13 @@ def _opcheck_cases_for(stage_b):
         a[6], a[7] = a[6].reshape(-1), a[7].reshape(-1)
         mod_a, mod_b = (mod[0].detach().requires_grad_(True), mod[1].detach().requires_grad_(True)) if mod else (None, None)
         out = []
-        for variant in ((EXT,) if backend in ("cpu", "cuda") else VARIANTS):
+        # EXT last: the backward case below runs on its outputs
+        for variant in ((EXT_NOGRAD, EXT) if backend in ("cpu", "cuda") else VARIANTS):
             fwd_args = (*a, mod_a, mod_b, 1e-6, stage_b, variant)
+            if variant == EXT_NOGRAD:  # chosen only when nothing needs a gradient: no backward to check
+                nograd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in fwd_args)
+                out.append((resblock_op, nograd, {}))
+                continue
             out.append((resblock_op, fwd_args, {}))
         det = [t.detach() if isinstance(t, torch.Tensor) else t for t in fwd_args]
         res = resblock_op(*det)
@@ -332,8 +343,13 @@ def _call(stage_b, name, x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2,
         ref = reference.resblock_stage_b if stage_b else reference.resblock
         out = ref(x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, dropout, training, eps)
         return out if mod is None else reference.modulate(out, *mod)
-    variant = EXT if name in ("cpu", "cuda") else (variant or choose_variant(x, w1))
     mod_a, mod_b = mod if mod is not None else (None, None)
+    if name in ("cpu", "cuda"):
+        tensors = (x, x_skip, dw_weight, dw_bias, w1, b1, gamma, beta, w2, b2, mod_a, mod_b)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        variant = EXT if needs_grad else EXT_NOGRAD
+    else:
+        variant = variant or choose_variant(x, w1)
     return resblock_op(x, x_skip, dw_weight, dw_bias, w1, b1, gamma.reshape(-1), beta.reshape(-1), w2, b2,
                        mod_a, mod_b, eps, stage_b, variant)[0]
 

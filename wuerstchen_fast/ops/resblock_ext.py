@@ -26,8 +26,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def forward(x, skip, wd, bd, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps, stage_b):
-    """(out, out_pre, xn, rstd (empty: the backward recomputes it), h, stats) as the resblock op returns."""
+def forward(x, skip, wd, bd, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps, stage_b, keep_h=True):
+    """(out, out_pre, xn, rstd (empty: the backward recomputes it), h, stats) as the resblock op returns.
+
+    keep_h=False (inference: nothing needs a gradient) returns h empty and, on the CPU, runs GELU and the
+    GRN scale in place in h's buffer instead of allocating g and y beside it. At Stage B's level 0 each of
+    those is 84 MB; an allocation that large is a fresh mmap on glibc, and faulting its pages in costs
+    about 40 ms on a 2-core CPU, more than the pass that fills it."""
     C_ = torch.ops.wuerstchen_fast_C
     B, C, H, W = x.shape
     N, M = w1.shape[0], B * H * W
@@ -40,10 +45,16 @@ def forward(x, skip, wd, bd, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps, sta
     # whose (B·H·W, 4C) operand is far out of cache either way), or folded into both kernels (CUDA: the
     # GRN is bandwidth-bound there and GELU is free beside the loads).
     fold = h.is_cuda
-    g4 = h4 if fold else torch.nn.functional.gelu(h4)
-    st = ext_stats(C_.grn_colsum(g4, None, fold)[0], gamma)
-    y = C_.grn_apply(g4, st[0], beta, fold)  # GELU(h)·s + β, (B, H, W, N) rows
-    del g4
+    if not keep_h and not fold:  # GELU, then GELU(h)·s + β, in h's buffer
+        g4 = torch.ops.aten.gelu_(h4)
+        st = ext_stats(C_.grn_colsum(g4, None, False)[0], gamma)
+        # one pass, float32 math, one rounding to g's dtype (as grn_apply)
+        y = torch.addcmul(beta.float(), g4, st[0].float().view(B, 1, 1, N), out=g4)
+    else:
+        g4 = h4 if fold else torch.nn.functional.gelu(h4)
+        st = ext_stats(C_.grn_colsum(g4, None, fold)[0], gamma)
+        y = C_.grn_apply(g4, st[0], beta, fold)  # GELU(h)·s + β, (B, H, W, N) rows
+        del g4
     out_pre = empty_out_like(x)
     torch.add(x, b2.view(1, C, 1, 1), out=out_pre)
     if out_pre.is_contiguous():  # (B, C, HW) += W2 · yᵀ per batch: the residual's own layout
@@ -51,6 +62,8 @@ def forward(x, skip, wd, bd, w1, b1, gamma, beta, w2, b2, mod_a, mod_b, eps, sta
     else:  # channels-last: rows
         out_pre.permute(0, 2, 3, 1).view(M, C).addmm_(y.view(M, N), w2.t())
     rstd = x.new_empty(0, dtype=torch.float32)
+    if not keep_h:
+        h = x.new_empty(0, N)
     if mod_a is None:
         return out_pre, x.new_empty(0), xn, rstd, h, st
     return C_.modulate(out_pre, mod_a, mod_b), out_pre, xn, rstd, h, st
