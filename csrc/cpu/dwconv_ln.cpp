@@ -9,12 +9,14 @@
 //            = rstd g - rstd² mean_c(g xh) (d - mean) - rstd mean_c(g)   as this, with fused multiply-adds)
 //   dbias[c] = Σ_p dd[p, c];  dw[c, t] = Σ_p dd[p, c] x[n(p, t), c]
 //   dx[q, c] = Σ_t w[c, t] dd[q - (ky - 1, kx - 1), c]            (the conv's transpose, a second pass)
-// Layout: x is read channels-last (B, H, W, C) (other layouts are copied to it first), so a pixel's
-// channels are contiguous and every inner loop runs over channels with at::vec::Vectorized<float>;
-// y, dx are channels-last. Accumulation float32: the conv per pixel in a row buffer of C floats
-// (stays in L1), mean and variance two-pass over that buffer (float32 vector partials summed in
-// double). dw, dbias: float32 sums per image row, float64 across rows and threads.
-// Parallel over image rows (b, y) with at::parallel_for. Limits: 3x3 depthwise (one input per group).
+// Layout: the forward reads a contiguous NCHW x in place (forward_nchw: vectors along image rows, then
+// 8x8 transposes into the output) and channels-last x as it is (forward: a pixel's channels contiguous,
+// every inner loop over channels with at::vec::Vectorized<float>); other layouts are copied to
+// channels-last first, as is x in the backward. y, dx are channels-last. Accumulation float32: the conv
+// in registers, mean and variance two-pass (float32 vector partials summed in double). dw, dbias:
+// float32 sums per image row, float64 across rows and threads.
+// Parallel over image rows (b, y) with at::parallel_for (OpenMP: setup.py). Limits: 3x3 depthwise
+// (one input per group).
 #include "isa.h"  // first: the CPU instruction set of this build
 
 #include <ATen/ATen.h>

@@ -25,22 +25,13 @@
 #include <cstdint>
 
 #include "../../csrc/dwconv_host.h"
+#include "pack.cuh"
 #include "welford.cuh"
 
 namespace wf {
 namespace {
 
 constexpr int THREADS = 256, WARPS = THREADS / 32;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
 
 // Statistics (count, mean, M2 of d; backward Σg, Σg·(d - mean)): welford.cuh.
 

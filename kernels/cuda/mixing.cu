@@ -53,6 +53,7 @@
 #include <cstdint>
 
 #include "../../csrc/mixing_host.h"
+#include "pack.cuh"
 #include "welford.cuh"
 
 namespace wf {
@@ -63,24 +64,6 @@ constexpr int THREADS = 256, LANES = 32, WARPS = THREADS / LANES;
 // thread count alone, ptxas (CUDA 13) squeezes some of these kernels to 32 or 64 registers for
 // occupancy and spills a few bytes; with an explicit minimum none spills (tests/test_cuda_build.py).
 constexpr int MIN_BLOCKS = 2;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store(T* p, const float (&v)[N]) {
-  Pack<T, N> o;
-#pragma unroll
-  for (int k = 0; k < N; ++k) o.v[k] = T(v[k]);
-  *reinterpret_cast<Pack<T, N>*>(p) = o;
-}
 
 // 16-byte packs of T.
 template <typename T>
