@@ -121,7 +121,7 @@ def test_modulate_non_dense_strided(backend):
 
 
 def test_auto_on_cpu_picks_the_reference():
-    # These ops have no cpu-extension kernels: auto must not pick the Triton interpreter.
+    # auto must not pick the Triton interpreter, and keeps the reference on a CPU (bit-exact with diffusers).
     x = torch.randn(1, 4, 2, 2)
     a = torch.zeros(1, 4)
     assert registry.resolve("modulate", x, a, a) == "torch"

@@ -317,7 +317,8 @@ def _opcheck_cases_for(stage_b):
 
 
 def _spec(name, stage_b, doc):
-    # cpu: the reference first until a measurement (bench/bench_ops_convnext.py) says otherwise.
+    # cpu: the reference first, so that auto on a CPU stays bit-exact with diffusers (tests/test_models_stages.py);
+    # the extension is faster at every released shape (bench/bench_ops_ext.py) and runs with backend="cpu".
     spec = registry.OpSpec(name=name, doc=doc, samples=_samples_for(stage_b), opcheck_cases=_opcheck_cases_for(stage_b),
                            priority={"cuda": ("cuda", "triton", "torch"), "cpu": ("torch", "cpu")},
                            triton_modules=("wuerstchen_fast.kernels.triton.resblock",))
