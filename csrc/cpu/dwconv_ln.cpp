@@ -338,9 +338,12 @@ void backward_dd(const T* x, const T* gy, const float* taps, const float* bias, 
           s1 += gv;
           s2 += double(gv) * ((d[c] - n.mean) * n.rstd);
         }
-        // dd = rstd g + kd (d - mean) + k0 with kd = -rstd² mean(g xh), k0 = -rstd mean(g): three roundings
-        const double mg = (s1 + hsum(a1)) / C, mgx = (s2 + hsum(a2)) / C, rs = n.rstd;
-        const float kd = float(-rs * rs * mgx), k0 = float(-rs * mg);
+        // dd = rstd g + kd (d - mean) + k0 with kd = -rstd² mean(g xh), k0 = -rstd mean(g): three roundings.
+        // The loops use the float mean m_f; the exact one is m_d. Both corrections are constants per pixel,
+        // taken in double: xh = (d - m_f) rstd + (m_f - m_d) rstd, and kd (d - m_d) = kd (d - m_f) + kd (m_f - m_d).
+        const double mg = (s1 + hsum(a1)) / C, rs = n.rstd_d, shift = double(n.mean) - n.mean_d;
+        const double mgx = (s2 + hsum(a2)) / C * (rs / n.rstd) + shift * rs * mg, kdd = -rs * rs * mgx;
+        const float kd = float(kdd), k0 = float(-rs * mg + kdd * shift);
         const Vec vkd(kd), vk0(k0);
         for (c = 0; c + VL <= C; c += VL)
           at::vec::fmadd(vr, ld(gp + c), at::vec::fmadd(vkd, Vec::loadu(d + c) - vm, vk0)).store(ddp + c);
