@@ -84,6 +84,12 @@ struct Norm {
   double mean_d, rstd_d;  // unrounded, for the forward's output
 };
 
+// rstd (double) from Σ(d - m_f)² over C values, where m_f is the mean m rounded to float and
+// shift = m - m_f: Σ(d - m)² = Σ(d - m_f)² - C (m - m_f)².
+inline double rstd_about_float_mean(double sq, int64_t C, double shift, float eps) {
+  return 1.0 / std::sqrt(std::max(sq / C - shift * shift, 0.0) + eps);
+}
+
 // Two-pass mean and variance of d[0:C] (float32 vector partials, summed in double).
 inline Norm norm_stats(const float* d, int64_t C, float eps) {
   Vec acc(0.f);
@@ -101,8 +107,7 @@ inline Norm norm_stats(const float* d, int64_t C, float eps) {
     acc = at::vec::fmadd(v, v, acc);
   }
   for (; c < C; ++c) s += double(d[c] - mean) * (d[c] - mean);
-  const double shift = mean_d - mean;  // Σ(d - m)² = Σ(d - m_f)² - C (m - m_f)²
-  const double var = std::max((s + hsum(acc)) / C - shift * shift, 0.0), rstd_d = 1.0 / std::sqrt(var + eps);
+  const double rstd_d = rstd_about_float_mean(s + hsum(acc), C, mean_d - mean, eps);
   return {mean, float(rstd_d), mean_d, rstd_d};
 }
 
@@ -133,8 +138,8 @@ void forward(const T* x, const float* taps, const float* bias, T* y, const Geo& 
 // row (b, y) per task:
 //   1. every channel's conv row into D (C, Wp) float32, vectors along the row (the same (ky, kx) fused
 //      multiply-add order as the channels-last path, so both give the same d);
-//   2. per pixel, mean and variance over D's column (two passes, float32 vectors over pixels flushed to
-//      double every kFlush channels), mean m (rounded to float) and rstd;
+//   2. per pixel, mean and variance over D's column (the sum as the rows are made, then Σ(d - m_f)²; both
+//      float32 vectors over pixels flushed to double every kFlush channels), mean m_f (rounded) and rstd;
 //   3. y = (d - m)·rstd + (m_exact - m)·(-rstd), pixels in lanes, then 8x8 transposes into the
 //      channels-last output rows.
 // D is C·Wp floats per thread (L2-resident at the released shapes: at most 1536·24 or 320·128).
@@ -219,33 +224,32 @@ inline void prefetch_row(const T* plane, int64_t ys, int64_t W) {
   __builtin_prefetch(p + n - 1);
 }
 
-// Σ over the C rows of D (stride Wp) of f(D[c][x0:x0+VL]), float32 per kFlush rows, then double, into s[0:VL].
+// s[0:VL] += Σ over rows c0 <= c < c1 of D (stride Wp) of f(D[c][x0:x0+VL]): float32 within the block
+// (at most kFlush rows), then double.
 template <typename F>
-inline void column_sum(const float* D, int64_t C, int64_t Wp, int64_t x0, double* s, F f) {
-  for (int64_t j = 0; j < VL; ++j) s[j] = 0;
+inline void add_block_sum(const float* D, int64_t c0, int64_t c1, int64_t Wp, int64_t x0, double* s, F f) {
+  Vec acc(0.f);
+  for (int64_t c = c0; c < c1; ++c) acc = acc + f(Vec::loadu(D + c * Wp + x0));
   float buf[VL];
-  for (int64_t c0 = 0; c0 < C; c0 += kFlush) {
-    const int64_t c1 = std::min(C, c0 + kFlush);
-    Vec acc(0.f);
-    for (int64_t c = c0; c < c1; ++c) acc = acc + f(Vec::loadu(D + c * Wp + x0));
-    acc.store(buf);
-    for (int64_t j = 0; j < VL; ++j) s[j] += buf[j];
-  }
+  acc.store(buf);
+  for (int64_t j = 0; j < VL; ++j) s[j] += buf[j];
 }
 
 template <typename T>
 void forward_nchw(const T* x, const float* taps, const float* bias, T* y, const Geo& g, float eps) {
   const int64_t C = g.C, H = g.H, W = g.W, Wp = (W + VL - 1) / VL * VL;
   at::parallel_for(0, g.B * H, row_grain(g), [&](int64_t r0, int64_t r1) {
-    std::vector<float> Dbuf(C * Wp), stat(4 * Wp), tile(2 * VL * VL);
+    std::vector<float> Dbuf(C * Wp), stat(3 * Wp), tile(2 * VL * VL);
     std::vector<double> sums(Wp);
-    float *D = Dbuf.data(), *mean = stat.data(), *rstd = mean + Wp, *corr = rstd + Wp, *S = corr + Wp;
+    float *D = Dbuf.data(), *mean = stat.data(), *rstd = mean + Wp, *corr = rstd + Wp;
     double* Sd = sums.data();
     float *t0 = tile.data(), *t1 = t0 + VL * VL;
-    double s[VL];
+    const auto identity = [](const Vec& v) { return v; };
+    // y[p, c] = (d - m_f)·rstd + corr, as the vector loops compute it
+    const auto norm_at = [&](int64_t c, int64_t p) { return T(std::fma(D[c * Wp + p] - mean[p], rstd[p], corr[p])); };
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, yy = r % H;
-      // the conv rows, their column sums (float32 in S, flushed to double in Sd every kFlush channels)
+      // the conv rows and their column sums (flushed to double in Sd every kFlush channels, while in L1)
       std::fill(Sd, Sd + Wp, 0.0);
       for (int64_t c0 = 0; c0 < C; c0 += kFlush) {
         const int64_t c1 = std::min(C, c0 + kFlush);
@@ -253,12 +257,7 @@ void forward_nchw(const T* x, const float* taps, const float* bias, T* y, const 
           if (c + kAhead < C && yy + 1 < H) prefetch_row(x + (b * C + c + kAhead) * H * W, yy + 1, W);
           conv_row_nchw(x + (b * C + c) * H * W, taps, C, c, bias[c], D + c * Wp, yy, H, W);
         }
-        for (int64_t x0 = 0; x0 < Wp; x0 += VL) {  // the block's rows are still in L1
-          Vec acc(0.f);
-          for (int64_t c = c0; c < c1; ++c) acc = acc + Vec::loadu(D + c * Wp + x0);
-          acc.store(S);
-          for (int64_t j = 0; j < VL; ++j) Sd[x0 + j] += S[j];
-        }
+        for (int64_t x0 = 0; x0 < Wp; x0 += VL) add_block_sum(D, c0, c1, Wp, x0, Sd + x0, identity);
       }
       for (int64_t x0 = 0; x0 < Wp; x0 += VL) {
         double md[VL];
@@ -267,13 +266,14 @@ void forward_nchw(const T* x, const float* taps, const float* bias, T* y, const 
           mean[x0 + j] = float(md[j]);
         }
         const Vec vm = Vec::loadu(mean + x0);
-        column_sum(D, C, Wp, x0, s, [&](const Vec& v) {
-          const Vec e = v - vm;
-          return e * e;
-        });
-        for (int64_t j = 0; j < VL; ++j) {  // Σ(d - m)² = Σ(d - m_f)² - C (m - m_f)²
-          const double shift = md[j] - mean[x0 + j];
-          const double var = std::max(s[j] / C - shift * shift, 0.0), rs = 1.0 / std::sqrt(var + eps);
+        double sq[VL] = {};
+        for (int64_t c0 = 0; c0 < C; c0 += kFlush)
+          add_block_sum(D, c0, std::min(C, c0 + kFlush), Wp, x0, sq, [&](const Vec& v) {
+            const Vec e = v - vm;
+            return e * e;
+          });
+        for (int64_t j = 0; j < VL; ++j) {
+          const double shift = md[j] - mean[x0 + j], rs = rstd_about_float_mean(sq[j], C, shift, eps);
           rstd[x0 + j] = float(rs);
           corr[x0 + j] = float(-shift * rs);
         }
@@ -294,13 +294,10 @@ void forward_nchw(const T* x, const float* taps, const float* bias, T* y, const 
           }
         }
         for (; c < C; ++c)
-          for (int64_t j = 0; j < VL; ++j) {
-            const int64_t p = x0 + j;
-            out[p * C + c] = T(std::fma(D[c * Wp + p] - mean[p], rstd[p], corr[p]));
-          }
+          for (int64_t p = x0; p < x0 + VL; ++p) out[p * C + c] = norm_at(c, p);
       }
       for (; x0 < W; ++x0)
-        for (int64_t c = 0; c < C; ++c) out[x0 * C + c] = T(std::fma(D[c * Wp + x0] - mean[x0], rstd[x0], corr[x0]));
+        for (int64_t c = 0; c < C; ++c) out[x0 * C + c] = norm_at(c, x0);
     }
   });
 }
