@@ -201,6 +201,7 @@ def _read_source(stage: str, path):
             cls_name = conf.get("_class_name")
             if diffusers_name and cls_name and cls_name != diffusers_name:
                 other = next((s for s, v in _STAGES.items() if v[2] == cls_name), None)
+                other = "stable_cascade" if cls_name == "StableCascadeUNet" else other
                 hint = f"; use load_{other}() for it" if other else ""
                 raise CheckpointError(f"{str(path)!r} holds a diffusers {cls_name}, not a {diffusers_name}{hint}")
             weights = _diffusers_weights(path)
@@ -271,6 +272,12 @@ def load_model_state(model: nn.Module, sd: dict, *, source: str = "checkpoint", 
 def _load(stage: str, path, *, device=None, dtype=None, config=None, **overrides):
     model_cls, cfg_cls = _STAGES[stage][:2]
     sd, cfg_dict, source = _read_source(stage, path)
+    if stage in ("stage_c", "stage_b"):  # Stable Cascade shares key names with v2 (clip_mapper, down_blocks)
+        from .stable_cascade_loading import stable_cascade_hint
+
+        hint = stable_cascade_hint(sd, source, stage)
+        if hint:
+            raise CheckpointError(hint)
     if config is not None:
         cfg = config if isinstance(config, cfg_cls) else cfg_cls.from_dict(dict(config))
         if overrides:
@@ -310,11 +317,15 @@ def load_effnet(path, *, device=None, dtype=None, config=None, **overrides) -> E
 
 
 def save_stage(model: nn.Module, folder) -> Path:
-    """Save a stage (or a CLIPTextEncoder) in our format: `folder/wuerstchen_fast.json` + `folder/model.safetensors`."""
+    """Save a stage (or a CLIPTextEncoder, a StableCascadeUNet) in our format: `folder/wuerstchen_fast.json` + `folder/model.safetensors`."""
+    from .stable_cascade import StableCascadeUNet
+    from .stable_cascade_loading import save_stable_cascade
     from .text import CLIPTextEncoder, save_text_encoder
 
     if isinstance(model, CLIPTextEncoder):
         return save_text_encoder(model, folder)
+    if isinstance(model, StableCascadeUNet):
+        return save_stable_cascade(model, folder)
     stage = next((s for s, v in _STAGES.items() if isinstance(model, v[0])), None)
     if stage is None:
         raise TypeError(f"save_stage: {type(model).__name__} is not a StageA/StageB/StageC/EfficientNetEncoder")
