@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .blocks import (LN_EPS, AttnBlock, LayerNorm2d, ResBlockStageB, RFrequencies, TimestepBlock, r_embedding,
                      resblock_then_timestep)
-from .stable_cascade_config import ATTNBLOCK, RESBLOCK, TIMESTEPBLOCK, StableCascadeConfig
+from .stable_cascade_config import ATTNBLOCK, RESBLOCK, StableCascadeConfig
 
 __all__ = ["StableCascadeUNet", "UpDownBlock2d"]
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from .assemble import build_with_state, save_own_format
 from .checkpoint_io import (FORMAT_TAG, OWN_CONFIG_NAME, OWN_WEIGHTS_NAME, CheckpointError, read_state_dict_file,
-                            read_tensor_file, save_safetensors)
-from .loading import HEAD_DIM, from_original_layout, load_model_state, to_original_layout
+                            read_tensor_file)
+from .loading import HEAD_DIM, from_original_layout, to_original_layout
 from .stable_cascade import StableCascadeUNet
 from .stable_cascade_config import ATTNBLOCK, RESBLOCK, TIMESTEPBLOCK, StableCascadeConfig
 from .weight_files import read_weights
@@ -311,21 +312,9 @@ def load_stable_cascade(path, *, stage: str | None = None, lite: bool = False, v
         cfg = StableCascadeConfig.from_dict({**cfg_dict, **overrides})
     else:
         cfg = infer_stable_cascade_config(sd, **overrides)
-    # Built on the meta device, the checkpoint's tensors adopted: no second copy of a 3.6B model.
-    with torch.device("meta"):
-        model = StableCascadeUNet(cfg)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
-    load_model_state(model, sd, source=source, assign=True)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return build_with_state(StableCascadeUNet, cfg, sd, source=source, device=device, dtype=dtype)
 
 
 def save_stable_cascade(model: StableCascadeUNet, folder) -> Path:
     """Our format: `folder/wuerstchen_fast.json` + `folder/model.safetensors` (config also in its metadata)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT_TAG, "version": 1, "stage": OWN_STAGE, "config": model.config.to_dict()}
-    (folder / OWN_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    save_safetensors(model.state_dict(), folder / OWN_WEIGHTS_NAME, metadata={FORMAT_TAG: json.dumps(meta)})
-    return folder
+    return save_own_format(model, folder, OWN_STAGE)
