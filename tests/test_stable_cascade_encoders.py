@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _model_factories import PARITY_RTOL, make_clip_tokenizer, relative_error
+from _model_factories import PARITY_RTOL, make_clip_tokenizer, make_open_clip_model, relative_error
 from wuerstchen_fast.models import load_text_encoder, load_tokenizer, save_stage
 from wuerstchen_fast.models.clip_vision import (CLIPImagePreprocessor, CLIPVisionEncoder, VisionEncoderConfig,
                                                 load_image_encoder, save_image_encoder)
@@ -50,7 +50,6 @@ def test_text_with_projection_matches_transformers(cfg, tmp_path, tokens):
 def test_text_projection_from_a_full_clip_folder_and_open_clip(tmp_path, tokens):
     """transformers CLIPModel (text + vision, text_projection) and an open_clip CLIP checkpoint both load with
     their text projection; open_clip's own encode_text is the reference for the latter."""
-    import open_clip
     from transformers import CLIPConfig, CLIPModel
 
     from wuerstchen_fast.testing.random_models import randomize_
@@ -65,13 +64,9 @@ def test_text_projection_from_a_full_clip_folder_and_open_clip(tmp_path, tokens)
         expected = full.text_projection(full.text_model(input_ids=ids, attention_mask=mask).pooler_output)
         assert relative_error(ours.encode(ids, mask).text_embeds, expected) <= PARITY_RTOL
 
-    cfg = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16, head_width=32),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2))
-    torch.manual_seed(0)
-    oc = open_clip.model.CLIP(**cfg).eval()
-    with torch.no_grad():
-        for p in oc.parameters():
-            p.normal_(0, 0.1)
+    oc = make_open_clip_model(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16,
+                                                            head_width=32),
+                              text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2))
     torch.save(oc.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     ours = load_text_encoder(tmp_path / "open_clip_pytorch_model.bin")
     assert ours.config.projection_dim == 16
@@ -123,15 +118,9 @@ def test_vision_tower_matches_transformers(cfg, tmp_path):
 
 
 def test_vision_tower_from_open_clip(tmp_path):
-    import open_clip
-
-    cfg = dict(embed_dim=12, quick_gelu=True, vision_cfg=dict(image_size=28, layers=2, width=64, patch_size=14),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=1, layers=1))
-    torch.manual_seed(0)
-    oc = open_clip.model.CLIP(**cfg).eval()
-    with torch.no_grad():
-        for p in oc.parameters():
-            p.normal_(0, 0.1)
+    oc = make_open_clip_model(embed_dim=12, quick_gelu=True, vision_cfg=dict(image_size=28, layers=2, width=64,
+                                                                             patch_size=14),
+                              text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=1, layers=1))
     torch.save(oc.state_dict(), tmp_path / "open_clip.bin")
     ours = load_image_encoder(tmp_path / "open_clip.bin")
     assert (ours.config.width, ours.config.layers, ours.config.image_size, ours.config.projection_dim) == (64, 2, 28, 12)

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .assemble import build_with_state, save_own_format
 from .checkpoint_io import (FORMAT_TAG, OWN_CONFIG_NAME, OWN_WEIGHTS_NAME, CheckpointError, read_state_dict_file,
-                            read_tensor_file, save_safetensors)
+                            read_tensor_file)
 from .configs import EffNetConfig, StageAConfig, StageBConfig, StageCConfig
 from .effnet import EfficientNetEncoder
 from .stage_a import StageA
@@ -287,13 +288,7 @@ def _load(stage: str, path, *, device=None, dtype=None, config=None, **overrides
     else:
         cfg = infer_config(stage, sd, **overrides)
     # Build on the meta device and adopt the checkpoint's tensors: no second copy of a 1B-param model.
-    with torch.device("meta"):
-        model = model_cls(cfg)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
-    load_model_state(model, sd, source=source, assign=True)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return build_with_state(model_cls, cfg, sd, source=source, device=device, dtype=dtype)
 
 
 def load_stage_c(path, *, device=None, dtype=None, config=None, **overrides) -> StageC:
@@ -329,9 +324,4 @@ def save_stage(model: nn.Module, folder) -> Path:
     stage = next((s for s, v in _STAGES.items() if isinstance(model, v[0])), None)
     if stage is None:
         raise TypeError(f"save_stage: {type(model).__name__} is not a StageA/StageB/StageC/EfficientNetEncoder")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT_TAG, "version": 1, "stage": stage, "config": model.config.to_dict()}
-    (folder / OWN_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    save_safetensors(model.state_dict(), folder / OWN_WEIGHTS_NAME, metadata={FORMAT_TAG: json.dumps(meta)})
-    return folder
+    return save_own_format(model, folder, stage)
