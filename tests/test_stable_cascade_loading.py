@@ -111,3 +111,26 @@ def test_v2_and_v3_checkpoints_are_told_apart(tmp_path, refs):
         load_stage_b(tmp_path / "stage_b.safetensors")
     with pytest.raises(CheckpointError, match=r"Stable Cascade \(Würstchen v3\) Stage B.*load_stable_cascade\(\)"):
         load_stage_c(tmp_path / "stage_b.safetensors")
+
+
+def test_stable_cascade_effnet_encoder_file_without_batchnorm_affine(tmp_path):
+    """`effnet_encoder.safetensors` (Stable Cascade's semantic compressor, for img2img): BatchNorm2d(16,
+    affine=False), so no mapper.1.weight / bias; the config says so after loading."""
+    import torch.nn as nn
+
+    from _model_factories import PARITY_RTOL, make_torchvision_effnet_encoder, relative_error
+    from wuerstchen_fast.models import load_effnet
+    from wuerstchen_fast.testing.random_models import randomize_
+
+    features, _ = make_torchvision_effnet_encoder()
+    mapper = randomize_(nn.Sequential(nn.Conv2d(1280, 16, kernel_size=1, bias=False),
+                                      nn.BatchNorm2d(16, affine=False)), 3).eval()
+    sd = {**{f"backbone.{k}": v for k, v in features.state_dict().items()},
+          **{f"mapper.{k}": v for k, v in mapper.state_dict().items()}}
+    assert "mapper.1.weight" not in sd
+    save_file(sd, tmp_path / "effnet_encoder.safetensors")
+    model = load_effnet(tmp_path / "effnet_encoder.safetensors")
+    assert model.config.affine is False
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_error(model(x), mapper(features(x))) <= PARITY_RTOL

@@ -175,7 +175,8 @@ def infer_config(stage: str, sd: dict, **overrides):
                    levels=levels, bottleneck_blocks=len(_indices(sd, r"up_blocks\.(\d+)\.gammas$")) - (levels - 1),
                    embed_dim=lat.shape[1], latent_channels=lat.shape[0], num_vq_embeddings=cb.shape[0])
     elif stage == "effnet":
-        cfg = dict(c_latent=_need(sd, "mapper.0.weight", "EfficientNet encoder").shape[0])
+        cfg = dict(c_latent=_need(sd, "mapper.0.weight", "EfficientNet encoder").shape[0],
+                   affine="mapper.1.weight" in sd)
     else:
         raise ValueError(f"unknown stage {stage!r}")
     cfg.update(overrides)
