@@ -171,14 +171,20 @@ class StableCascadeUNet(nn.Module):
 
     def prepare_conditioning(self, clip_text_pooled: torch.Tensor, clip_text: torch.Tensor | None = None,
                              clip_img: torch.Tensor | None = None, effnet: torch.Tensor | None = None,
-                             pixels: torch.Tensor | None = None, *, sample_size) -> tuple:
+                             pixels: torch.Tensor | None = None, *, sample_size=None) -> tuple:
         """Everything of a forward that does not depend on the noisy sample or r, for a sample of spatial
-        size `sample_size` (H, W): (clip tokens, *maps added to the embedded sample). Pass the result to
-        `denoise`; it is the same math as `forward`, so a chain computes it once instead of every step."""
+        size `sample_size` (H, W; needed by a decoder's effnet / pixels maps): (clip tokens, *maps added to
+        the embedded sample). Pass the result to `denoise`; it is the same math as `forward`, so a chain
+        computes it once instead of every step."""
         if effnet is not None and not hasattr(self, "effnet_mapper"):
             raise ValueError(f"effnet was given, but this model has no effnet_mapper (it is conditioned on "
                              f"{self._conditioning_names()} only)")
         conds = [self.gen_clip_embeddings(clip_text_pooled, clip_text, clip_img)]
+        if effnet is None and not hasattr(self, "pixels_mapper"):
+            return tuple(conds)
+        if sample_size is None:
+            raise ValueError("prepare_conditioning needs sample_size=(H, W) of the noisy sample for the effnet / "
+                             "pixels maps of a decoder")
         p = self.config.patch_size
         size = (int(sample_size[0]) // p, int(sample_size[1]) // p)
         if effnet is not None:
