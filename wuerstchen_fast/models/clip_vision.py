@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .assemble import build_with_state, save_own_format
 from .checkpoint_io import (OWN_CONFIG_NAME, OWN_WEIGHTS_NAME, CheckpointError, read_state_dict_file,
@@ -93,7 +94,7 @@ class CLIPVisionEncoder(nn.Module):
         x = self.transformer(x)
         pooled = self.ln_post(x[:, 0])
         proj = getattr(self, "proj", None)
-        return CLIPVisionOutput(x, pooled, pooled @ proj if proj is not None else None)
+        return CLIPVisionOutput(x, pooled, F.linear(pooled, proj.t().contiguous()) if proj is not None else None)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> (B, projection_dim) image_embeds (pooled_output without one)."""

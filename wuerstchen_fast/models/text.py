@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .assemble import build_with_state, save_own_format
 from .checkpoint_io import (FORMAT_TAG, OWN_CONFIG_NAME, OWN_WEIGHTS_NAME, CheckpointError, read_state_dict_file,
@@ -130,7 +131,8 @@ class CLIPTextEncoder(nn.Module):
         eos = ids.argmax(dim=-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos]
         proj = getattr(self, "text_projection", None)
-        return CLIPTextOutput(last, pre, pooled, pooled @ proj if proj is not None else None)
+        # The (proj, width) weight transformers multiplies with, made contiguous: the same GEMM, the same rounding
+        return CLIPTextOutput(last, pre, pooled, F.linear(pooled, proj.t().contiguous()) if proj is not None else None)
 
 
 # ----------------------------------------------------------------------------------------- tokenizer

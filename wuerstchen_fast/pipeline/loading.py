@@ -213,17 +213,39 @@ def load_pipeline(
     prior_tokenizer=None,
     decoder_text_encoder=None,
     decoder_tokenizer=None,
+    variant: str | None = None,
+    lite: bool = False,
+    **stable_cascade_parts,
 ) -> WuerstchenPipeline:
     """Load the three stages and both text encoders; see the module docstring for accepted sources.
 
     device defaults to CUDA when available. dtype: float32, bfloat16 (recommended on GPU) or float16.
     compile=True wraps each stage's denoising step in torch.compile; cuda_graphs=True (CUDA only)
     captures it in a CUDA graph and replays it every step.
+
+    Stable Cascade (Würstchen v3) sources are recognised and give a `StableCascadeCombinedPipeline`
+    (`pipeline/stable_cascade_loading.py`): `variant="lite"` / `lite=True` takes the lite models,
+    `variant="bf16"` the bf16 files, and `text_encoder=`, `tokenizer=`, `image_encoder=`,
+    `feature_extractor=` give the parts one encoder serves for both stages.
     """
     dtype = check_dtype(dtype)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={str(device)!r}")
+    from .stable_cascade_loading import is_stable_cascade, load_stable_cascade_pipeline
+
+    if is_stable_cascade(prior, decoder, weights):
+        return load_stable_cascade_pipeline(
+            prior, decoder, weights=weights, device=device, dtype=dtype, compile=compile, cuda_graphs=cuda_graphs,
+            variant=variant, lite=lite, vqgan=vqgan, prior_text_encoder=prior_text_encoder,
+            prior_tokenizer=prior_tokenizer, decoder_text_encoder=decoder_text_encoder,
+            decoder_tokenizer=decoder_tokenizer, **stable_cascade_parts)
+    given = sorted(k for k, v in {**stable_cascade_parts, "variant": variant, "lite": lite or None}.items()
+                   if v is not None)
+    if given:
+        raise TypeError(f"load_pipeline(): {', '.join(given)} apply to Stable Cascade weights, and these sources "
+                        "are Würstchen v2 (give each stage's text encoder as prior_text_encoder= / "
+                        "decoder_text_encoder=)")
     src = _resolve(prior, decoder, weights)
     call_defaults = src.pop("sampling_defaults", None)
     explicit = dict(vqgan=vqgan, prior_text_encoder=prior_text_encoder, prior_tokenizer=prior_tokenizer,

@@ -1,0 +1,246 @@
+"""`load_pipeline()` for Stable Cascade (Würstchen v3): which sources are Stable Cascade, and building the
+pipeline from them.
+
+Accepted sources (`load_pipeline` sends them here when it recognises the family):
+  * the diffusers repos: `prior=` a stabilityai/stable-cascade-prior folder (model_index.json, prior/,
+    prior_lite/, text_encoder/, tokenizer/, scheduler/, image_encoder/, feature_extractor/) and `decoder=`
+    a stabilityai/stable-cascade folder (decoder/, decoder_lite/, vqgan/, text_encoder/, tokenizer/,
+    scheduler/); `variant="lite"` (or `lite=True`) takes the lite subfolders, `variant="bf16"` the
+    `*.bf16.safetensors` files ("lite_bf16" both);
+  * `weights=` a saved StableCascadeCombinedPipeline (prior_prior/, prior_text_encoder/, ... decoder/, vqgan/);
+  * single models for `prior=` / `decoder=`: a diffusers StableCascadeUNet folder, an original Stability file
+    (stage_c*.safetensors, stage_b*.safetensors) or our format, with the other parts given explicitly:
+    `vqgan=` (a PaellaVQModel folder, or the original stage_a.safetensors), `text_encoder=` + `tokenizer=`
+    (one CLIP ViT-bigG-14 with projection serves both stages; `prior_text_encoder=` / `decoder_text_encoder=`
+    and their tokenizers set them apart), optionally `image_encoder=` + `feature_extractor=` for `images=`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+from ..models.checkpoint_io import read_tensor_file
+from ..models.stable_cascade import StableCascadeUNet
+from ..models.stable_cascade_loading import OWN_STAGE, detect_family, load_stable_cascade
+from .base import config_value
+from .stable_cascade import CascadeTextEncoder
+from .stable_cascade_combined import StableCascadeCombinedPipeline
+
+__all__ = ["is_stable_cascade", "load_stable_cascade_pipeline", "split_variant"]
+
+_SC_PIPELINES = ("StableCascadePriorPipeline", "StableCascadeDecoderPipeline", "StableCascadeCombinedPipeline")
+# The original Stage A applies 0.43 to its latents (modules/stage_a.py); diffusers' vqgan/config.json says its own.
+ORIGINAL_STAGE_A_SCALE = 0.43
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _is_sc_source(src) -> bool:
+    if isinstance(src, StableCascadeUNet):
+        return True
+    if not isinstance(src, (str, Path)):
+        return False
+    p = Path(src)
+    if p.is_dir():
+        if _json(p / "model_index.json").get("_class_name") in _SC_PIPELINES:
+            return True
+        if _json(p / "config.json").get("_class_name") == "StableCascadeUNet":
+            return True
+        if _json(p / "wuerstchen_fast.json").get("stage") == OWN_STAGE:
+            return True
+        return any((p / f"stage_{s}.safetensors").is_file() for s in ("c", "b", "c_bf16", "b_bf16"))
+    if p.is_file() and p.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:  # the keys only, no tensor is read
+                meta = f.metadata() or {}
+                keys = dict.fromkeys(f.keys())
+        except Exception:  # not ours to judge here: the stage loaders give the precise error
+            return False
+        if "wuerstchen_fast" in meta:
+            return json.loads(meta["wuerstchen_fast"]).get("stage") == OWN_STAGE
+        return (detect_family(keys) or ("",))[0] == "stable_cascade"
+    return False
+
+
+def is_stable_cascade(prior, decoder, weights) -> bool:
+    """Whether the sources given to `load_pipeline` are a Stable Cascade pipeline's."""
+    if weights is not None:
+        return _json(Path(weights) / "model_index.json").get("_class_name") in _SC_PIPELINES
+    return _is_sc_source(prior) or _is_sc_source(decoder)
+
+
+def split_variant(variant: str | None, lite: bool) -> tuple[bool, str | None]:
+    """`variant="lite"` / "lite_bf16" / "bf16" -> (lite, file variant)."""
+    if variant is None:
+        return lite, None
+    parts = [v for v in variant.replace("-", "_").split("_") if v]
+    return lite or "lite" in parts, "_".join(v for v in parts if v != "lite") or None
+
+
+def _repo(path, kind: str) -> Path | None:
+    p = Path(path) if isinstance(path, (str, Path)) else None
+    if p is None or not (p / "model_index.json").is_file():
+        return None
+    cls = _json(p / "model_index.json").get("_class_name")
+    want = "StableCascadePriorPipeline" if kind == "prior" else "StableCascadeDecoderPipeline"
+    if cls != want:
+        raise ValueError(f"{kind}={str(p)!r} holds a {cls}, not a {want}: pass the "
+                         f"{'stabilityai/stable-cascade-prior' if kind == 'prior' else 'stabilityai/stable-cascade'} "
+                         f"folder as {kind}=")
+    return p
+
+
+def _sources(prior, decoder, weights, explicit: dict) -> dict[str, Any]:
+    src: dict[str, Any] = {}
+    if weights is not None:
+        if prior is not None or decoder is not None:
+            raise ValueError("pass either weights= (one folder with both stages) or prior=/decoder=, not both")
+        w = Path(weights)
+        src.update(prior=w / "prior_prior", prior_text_encoder=w / "prior_text_encoder",
+                   prior_tokenizer=w / "prior_tokenizer", prior_scheduler=w / "prior_scheduler",
+                   image_encoder=w / "prior_image_encoder", feature_extractor=w / "prior_feature_extractor",
+                   decoder=w / "decoder", vqgan=w / "vqgan", decoder_text_encoder=w / "text_encoder",
+                   decoder_tokenizer=w / "tokenizer", decoder_scheduler=w / "scheduler", prior_index={},
+                   decoder_index=_json(w / "model_index.json"))
+    else:
+        if prior is None or decoder is None:
+            missing = "prior" if prior is None else "decoder"
+            raise ValueError(f"{missing}= is missing: a Stable Cascade pipeline needs both stages, e.g. "
+                             "load_pipeline(prior='<stabilityai/stable-cascade-prior folder>', "
+                             "decoder='<stabilityai/stable-cascade folder>')")
+        for kind, arg in (("prior", prior), ("decoder", decoder)):
+            repo = _repo(arg, kind)
+            src[kind] = repo if repo is not None else arg
+            if repo is not None:
+                src.update({f"{kind}_text_encoder": repo / "text_encoder", f"{kind}_tokenizer": repo / "tokenizer",
+                            f"{kind}_scheduler": repo / "scheduler", f"{kind}_index": _json(repo / "model_index.json")})
+                if kind == "prior":
+                    src.update(image_encoder=repo / "image_encoder", feature_extractor=repo / "feature_extractor")
+                else:
+                    src["vqgan"] = repo / "vqgan"
+    shared = {"text_encoder": ("prior_text_encoder", "decoder_text_encoder"),
+              "tokenizer": ("prior_tokenizer", "decoder_tokenizer")}
+    for name, value in explicit.items():
+        if value is None:
+            continue
+        for key in shared.get(name, (name,)):
+            src[key] = value
+    for optional in ("image_encoder", "feature_extractor"):
+        if isinstance(src.get(optional), Path) and not src[optional].exists():
+            src.pop(optional)  # image variation is optional
+    absent = [k for k in ("vqgan", "prior_text_encoder", "prior_tokenizer", "decoder_text_encoder",
+                          "decoder_tokenizer") if src.get(k) is None]
+    if absent:
+        names = sorted({"text_encoder" if "text_encoder" in k else "tokenizer" if "tokenizer" in k else k
+                        for k in absent})
+        raise ValueError(f"cannot find {', '.join(absent)}: prior=/decoder= were not Stable Cascade repo folders, so "
+                         f"pass {', '.join(n + '=' for n in names)} explicitly (e.g. the vqgan/, text_encoder/ and "
+                         "tokenizer/ folders of stabilityai/stable-cascade)")
+    return src
+
+
+def _unet(src, stage: str, lite: bool, variant, device, dtype):
+    if not isinstance(src, (str, Path)):
+        return src
+    return load_stable_cascade(src, stage=stage, lite=lite, variant=variant, device=device, dtype=dtype)
+
+
+def _vqgan(src, device, dtype):
+    """Stage A: the scale factor from its config (a diffusers or our folder), 0.43 for the original file."""
+    if not isinstance(src, (str, Path)):
+        return src
+    from ..models import load_stage_a
+
+    p = Path(src)
+    overrides = {}
+    if p.is_file():
+        _, meta = read_tensor_file(p)
+        if not (meta and "wuerstchen_fast" in meta):
+            overrides["scale_factor"] = ORIGINAL_STAGE_A_SCALE
+    return load_stage_a(p, device=device, dtype=dtype, **overrides)
+
+
+def _text(tokenizer_src, model_src, variant, device, dtype, cache: dict) -> CascadeTextEncoder:
+    from ..models.text import load_text_encoder
+    from .loading import _load_tokenizer
+
+    def load(src, build):
+        if not isinstance(src, (str, Path)):
+            return src
+        key = (build.__name__, str(Path(src).resolve()))
+        if key not in cache:  # the two repos' folders, or one given twice: one encoder in memory
+            cache[key] = build(src)
+        return cache[key]
+
+    def model(src):
+        p = Path(src)
+        v = variant if variant is not None and any(p.glob(f"*.{variant}.*")) else None
+        return load_text_encoder(p, device=device, dtype=dtype, variant=v)
+
+    return CascadeTextEncoder(load(tokenizer_src, _load_tokenizer), load(model_src, model))
+
+
+def _image_encoder(src, device, dtype):
+    if src is None or not isinstance(src, (str, Path)):
+        return src
+    from ..models.clip_vision import load_image_encoder
+
+    return load_image_encoder(src, device=device, dtype=dtype)
+
+
+def _feature_extractor(src):
+    if src is None or not isinstance(src, (str, Path)):
+        return src
+    from ..models.clip_vision import CLIPImagePreprocessor
+
+    return CLIPImagePreprocessor.from_folder(src)
+
+
+def load_stable_cascade_pipeline(prior=None, decoder=None, *, weights=None, device, dtype, compile=False,
+                                 cuda_graphs=False, variant: str | None = None, lite: bool = False,
+                                 **explicit) -> StableCascadeCombinedPipeline:
+    """The Stable Cascade pipeline from the sources of the module docstring. `explicit`: vqgan, text_encoder,
+    tokenizer, prior_text_encoder, prior_tokenizer, decoder_text_encoder, decoder_tokenizer, image_encoder,
+    feature_extractor (paths or built objects)."""
+    known = {"vqgan", "text_encoder", "tokenizer", "prior_text_encoder", "prior_tokenizer", "decoder_text_encoder",
+             "decoder_tokenizer", "image_encoder", "feature_extractor"}
+    unknown = sorted(set(explicit) - known)
+    if unknown:
+        raise TypeError(f"load_pipeline() got unexpected keyword arguments {unknown} for a Stable Cascade pipeline")
+    lite, file_variant = split_variant(variant, lite)
+    src = _sources(prior, decoder, weights, explicit)
+    stage_c = _unet(src["prior"], "prior", lite, file_variant, device, dtype)
+    stage_b = _unet(src["decoder"], "decoder", lite, file_variant, device, dtype)
+    stage_a = _vqgan(src["vqgan"], device, dtype)
+    cache: dict = {}
+    prior_text = _text(src["prior_tokenizer"], src["prior_text_encoder"], file_variant, device, dtype, cache)
+    decoder_text = _text(src["decoder_tokenizer"], src["decoder_text_encoder"], file_variant, device, dtype, cache)
+    if prior_text.model is decoder_text.model and prior_text.tokenizer is decoder_text.tokenizer:
+        decoder_text = prior_text  # one encoder serves both stages (the combined call encodes once)
+
+    from .loading import _scheduler_cfg
+
+    p_index, d_index = src.get("prior_index", {}), src.get("decoder_index", {})
+    p_sched, d_sched = _scheduler_cfg(src.get("prior_scheduler")), _scheduler_cfg(src.get("decoder_scheduler"))
+    patch = config_value(stage_b, "patch_size", 2)
+    config = dict(
+        resolution_multiple=float(p_index.get("resolution_multiple", 42.67)),
+        latent_dim_scale=float(d_index.get("latent_dim_scale", 10.67)),
+        prior_s=p_sched["s"], prior_scaler=p_sched["scaler"], decoder_s=d_sched["s"], decoder_scaler=d_sched["scaler"],
+        prior_c_in=int(config_value(stage_c, "in_channels", 16)),
+        decoder_c_in=int(config_value(stage_b, "in_channels", 4)),
+        decoder_multiple=int(patch),
+        vq_scale_factor=float(config_value(stage_a, "scale_factor", 0.3764)),
+        pixels_per_latent=int(config_value(stage_a, "up_down_scale_factor", 2) ** config_value(stage_a, "levels", 2)),
+    )
+    return StableCascadeCombinedPipeline(
+        stage_c, stage_b, stage_a, prior_text, decoder_text, image_encoder=_image_encoder(src.get("image_encoder"),
+                                                                                          device, dtype),
+        feature_extractor=_feature_extractor(src.get("feature_extractor")), device=device, dtype=dtype,
+        config=config, compile=compile, cuda_graphs=cuda_graphs)
