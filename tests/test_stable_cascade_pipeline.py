@@ -181,3 +181,16 @@ def test_float16_overflow_names_the_stage_and_dtype(tiny_sc_repos):
     huge = torch.full((1, 16, 3, 4), 6e4, dtype=torch.float16)
     with pytest.raises(FloatingPointError, match=r"Stage C \(Stable Cascade prior\).*float16.*bfloat16"):
         pipe.prior_pipe("x", latents=huge, num_inference_steps=2, progress=False, **SIZE)
+
+
+def test_cli_samples_from_the_stable_cascade_folders(tiny_sc_repos, tmp_path, capsys):
+    from wuerstchen_fast.cli import main
+
+    prior_dir, decoder_dir = tiny_sc_repos
+    out = tmp_path / "fox.png"
+    rc = main(["sample", "a red fox", "--out", str(out), "--prior", str(prior_dir), "--decoder", str(decoder_dir),
+               "--variant", "lite", "--height", "128", "--width", "170", "--prior-steps", "2", "--steps", "2",
+               "--seed", "1", "--device", "cpu", "--no-progress"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(out)
+    with Image.open(out) as im:
+        assert im.size == (168, 128) and im.mode == "RGB"

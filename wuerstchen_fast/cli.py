@@ -28,6 +28,10 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                                      "scheduler/)")
     w.add_argument("--weights", help="one folder with both stages: a saved WuerstchenCombinedPipeline, or a folder "
                                      "holding prior/ and decoder/ repos (instead of --prior/--decoder)")
+    w.add_argument("--variant", default=None,
+                   help="Stable Cascade: 'lite' (the prior_lite/ and decoder_lite/ models), 'bf16' (the *.bf16 weight "
+                        "files) or 'lite_bf16'. --prior / --decoder also take the stabilityai/stable-cascade-prior and "
+                        "stabilityai/stable-cascade folders (Würstchen v3: 1024x1024, 20 + 10 steps by default)")
     g = p.add_argument_group("generation")
     g.add_argument("--negative", default=None, help="negative prompt (used where guidance is on)")
     g.add_argument("--height", type=int, default=None,
@@ -56,8 +60,9 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     from .pipeline import DEFAULT_STAGE_C_TIMESTEPS, load_pipeline
 
+    extra = {"variant": args.variant} if args.variant else {}
     pipe = load_pipeline(args.prior, args.decoder, weights=args.weights, device=args.device, dtype=args.dtype,
-                         compile=args.compile, cuda_graphs=args.cuda_graphs)
+                         compile=args.compile, cuda_graphs=args.cuda_graphs, **extra)
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
     # Options left unset fall back to the pipeline's defaults (for the bundled model: its sampling.json).
     given = dict(height=args.height, width=args.width, prior_num_inference_steps=args.prior_steps,
