@@ -61,6 +61,7 @@ CASES = [  # seed, images per prompt, prior guidance, decoder guidance, negative
 def test_seed_parity_with_diffusers(pipes, seed, n, w_prior, w_dec, negative):
     ref, ours = pipes
     assert isinstance(ours, StableCascadeCombinedPipeline)
+    assert ours.prior_pipe.text is ours.decoder_pipe.text  # both repos carry the same encoder: one copy
     expected = _diffusers(ref, seed, n, w_prior, w_dec, negative)
     with wuerstchen_fast.backend("torch"):
         got = _ours(ours, seed, n, w_prior, w_dec, negative)
@@ -194,3 +195,18 @@ def test_cli_samples_from_the_stable_cascade_folders(tiny_sc_repos, tmp_path, ca
     assert rc == 0 and capsys.readouterr().out.strip() == str(out)
     with Image.open(out) as im:
         assert im.size == (168, 128) and im.mode == "RGB"
+
+
+def test_decoder_with_its_own_text_encoder_gives_the_same_images(pipes):
+    """The combined call reuses the prior's pooled rows when the encoder is shared; a separate decoder encoder
+    (the same weights here) encodes the prompts again and must give the same images."""
+    from wuerstchen_fast.pipeline.stable_cascade import CascadeTextEncoder
+
+    _, ours = pipes
+    p, d = ours.prior_pipe, ours.decoder_pipe
+    apart = StableCascadeCombinedPipeline(p.prior, d.decoder, d.vqgan, p.text, CascadeTextEncoder(p.tokenizer,
+                                                                                                 p.text_encoder),
+                                          device="cpu", config=dict(ours.config))
+    kw = dict(prior_num_inference_steps=2, num_inference_steps=2, decoder_guidance_scale=2.0, num_images_per_prompt=2,
+              negative_prompt=["x", "y"], output_type="pt", progress=False, **SIZE)
+    assert torch.equal(apart(PROMPTS, seed=8, **kw).images, ours(PROMPTS, seed=8, **kw).images)

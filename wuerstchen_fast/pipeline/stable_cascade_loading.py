@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 from ..models.checkpoint_io import read_tensor_file
 from ..models.stable_cascade import StableCascadeUNet
@@ -186,6 +188,29 @@ def _text(tokenizer_src, model_src, variant, device, dtype, cache: dict) -> Casc
     return CascadeTextEncoder(load(tokenizer_src, _load_tokenizer), load(model_src, model))
 
 
+def _same_files(a, b) -> bool:
+    """Two tokenizer folders with byte-identical files (they are a few MB)."""
+    a, b = Path(a), Path(b)
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    return names == sorted(p.name for p in b.iterdir() if p.is_file()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def _same_text_encoder(prior_text, decoder_text, src) -> bool:
+    """The released repos each carry the same CLIP ViT-bigG-14: keep one copy when the weights are equal."""
+    tokenizers = [src.get(k) for k in ("prior_tokenizer", "decoder_tokenizer")]
+    if prior_text.tokenizer is not decoder_text.tokenizer and not (
+            all(isinstance(t, (str, Path)) for t in tokenizers) and _same_files(*tokenizers)):
+        return False
+    pm, dm = prior_text.model, decoder_text.model
+    if pm is dm:
+        return True
+    if type(pm) is not type(dm) or getattr(pm, "config", None) != getattr(dm, "config", None):
+        return False
+    a, b = pm.state_dict(), dm.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _image_encoder(src, device, dtype):
     if src is None or not isinstance(src, (str, Path)):
         return src
@@ -221,8 +246,8 @@ def load_stable_cascade_pipeline(prior=None, decoder=None, *, weights=None, devi
     cache: dict = {}
     prior_text = _text(src["prior_tokenizer"], src["prior_text_encoder"], file_variant, device, dtype, cache)
     decoder_text = _text(src["decoder_tokenizer"], src["decoder_text_encoder"], file_variant, device, dtype, cache)
-    if prior_text.model is decoder_text.model and prior_text.tokenizer is decoder_text.tokenizer:
-        decoder_text = prior_text  # one encoder serves both stages (the combined call encodes once)
+    if _same_text_encoder(prior_text, decoder_text, src):
+        decoder_text = prior_text  # one encoder serves both stages: half the memory, and the call encodes once
 
     from .loading import _scheduler_cfg
 
