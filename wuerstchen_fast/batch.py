@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["SETTINGS", "JobItem", "read_prompts", "plan_job", "batches_of", "rank_share", "run_job", "regenerate"]
+__all__ = ["SETTINGS", "JobItem", "read_prompts", "plan_job", "batches_of", "rank_share", "job_weights", "run_job",
+           "regenerate"]
 
 # Per-image sampling settings (the combined pipeline's argument names); images share a batch only when
 # all of these are equal.
@@ -149,6 +150,22 @@ def _distributed() -> tuple[int, int, int]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not below WORLD_SIZE={world}")
     return rank, world, local
+
+
+def job_weights(prior=None, decoder=None, weights=None, *, variant=None, revision=None) -> tuple[dict, dict]:
+    """(sources for load_pipeline, the record every sidecar keeps): local paths made absolute, Hub ids
+    resolved to their snapshot (the record names the commit), so any image can be regenerated elsewhere."""
+    from .pipeline.hub import hub_folder, is_repo_id
+
+    sources, record = {}, {"variant": variant, "revision": revision}
+    for key, value in (("prior", prior), ("decoder", decoder), ("weights", weights)):
+        if is_repo_id(value):
+            folder = hub_folder(value, revision=revision, variant=variant)
+            sources[key], record[key], record[f"{key}_commit"] = folder, value, folder.name
+        else:
+            path = Path(value).resolve() if value is not None and Path(value).exists() else value
+            sources[key], record[key] = path, (str(path) if path is not None else None)
+    return sources, record
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -319,9 +336,13 @@ def regenerate(sidecar, pipe=None, *, strict: bool = False, output_type: str = "
     if pipe is None:
         from .pipeline import load_pipeline
 
+        from .pipeline.hub import hub_folder
+
         w = record["weights"]
-        pipe = load_pipeline(w.get("prior"), w.get("decoder"), weights=w.get("weights"), device=device,
-                             dtype=env["dtype"])
+        src = {k: (hub_folder(w[k], revision=w[f"{k}_commit"], variant=w.get("variant")) if w.get(f"{k}_commit")
+                   else w.get(k)) for k in ("prior", "decoder", "weights")}  # each Hub repo at its recorded commit
+        pipe = load_pipeline(src["prior"], src["decoder"], weights=src["weights"], device=device, dtype=env["dtype"],
+                             variant=w.get("variant"))
     settings = {k: record[k] for k in SETTINGS}
     frozen = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items())
     batch = [JobItem(m["name"], m["prompt"], m["negative_prompt"], m["seed"], frozen) for m in record["batch"]]

@@ -23,11 +23,14 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                                              "(or --prompts FILE for a batch job)")
     p.add_argument("--out", "-o", default="out.png",
                    help="output PNG path (default out.png); with several images, NAME_0.png, NAME_1.png, ...")
-    w = p.add_argument_group("weights (diffusers repo folders; no default weights are bundled yet)")
-    w.add_argument("--prior", help="folder of warp-ai/wuerstchen-prior (model_index.json, prior/, text_encoder/, "
-                                   "tokenizer/, scheduler/)")
-    w.add_argument("--decoder", help="folder of warp-ai/wuerstchen (decoder/, vqgan/, text_encoder/, tokenizer/, "
-                                     "scheduler/)")
+    w = p.add_argument_group("weights (Hub repo ids or diffusers repo folders; none: the bundled default model)")
+    w.add_argument("--prior", help="warp-ai/wuerstchen-prior, or a folder in its layout (model_index.json, prior/, "
+                                   "text_encoder/, tokenizer/, scheduler/)")
+    w.add_argument("--decoder", help="warp-ai/wuerstchen, or a folder in its layout (decoder/, vqgan/, text_encoder/, "
+                                     "tokenizer/, scheduler/)")
+    w.add_argument("--variant", default=None, help="weight file variant to read where present, e.g. fp16 or bf16")
+    w.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the repo ids; "
+                                                    "HF_HUB_OFFLINE=1 uses the Hugging Face cache only")
     w.add_argument("--weights", help="one folder with both stages: a saved WuerstchenCombinedPipeline, or a folder "
                                      "holding prior/ and decoder/ repos (instead of --prior/--decoder)")
     g = p.add_argument_group("generation")
@@ -69,7 +72,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise ValueError("give a prompt, or --prompts FILE --out-dir DIR for a batch job")
     pipe = load_pipeline(args.prior, args.decoder, weights=args.weights, device=args.device, dtype=args.dtype,
-                         compile=args.compile, cuda_graphs=args.cuda_graphs)
+                         compile=args.compile, cuda_graphs=args.cuda_graphs, variant=args.variant,
+                         revision=args.revision)
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
     # Options left unset fall back to the pipeline's defaults (for the bundled model: its sampling.json).
     given = dict(height=args.height, width=args.width, prior_num_inference_steps=args.prior_steps,
@@ -95,22 +99,20 @@ def _run_sample(args: argparse.Namespace) -> int:
 def _run_batch_job(args: argparse.Namespace) -> int:
     import torch
 
-    from .batch import run_job
+    from .batch import job_weights, run_job
     from .pipeline import DEFAULT_STAGE_C_TIMESTEPS, load_pipeline
 
     if args.prompt or args.prompts is None or args.out_dir is None:
         raise ValueError("a batch job takes --prompts FILE and --out-dir DIR, and no prompt on the command line")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.prior, args.decoder, weights=args.weights, device=device, dtype=args.dtype,
-                         compile=args.compile, cuda_graphs=args.cuda_graphs)
+    sources, weights = job_weights(args.prior, args.decoder, args.weights, variant=args.variant, revision=args.revision)
+    pipe = load_pipeline(sources["prior"], sources["decoder"], weights=sources["weights"], device=device,
+                         dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs, variant=args.variant)
     given = dict(height=args.height, width=args.width, prior_num_inference_steps=args.prior_steps,
                  prior_guidance_scale=args.prior_guidance, num_inference_steps=args.steps,
                  decoder_guidance_scale=args.decoder_guidance,
                  prior_timesteps=list(DEFAULT_STAGE_C_TIMESTEPS) if args.prior_fast else None)
-    # recorded in every sidecar so one image can be regenerated from anywhere: local folders absolute
-    weights = {k: (str(Path(v).resolve()) if v is not None and Path(v).exists() else v)
-               for k, v in (("prior", args.prior), ("decoder", args.decoder), ("weights", args.weights))}
     result = run_job(pipe, args.prompts, args.out_dir, batch_size=args.batch_size, num_images=args.num_images,
                      seed=args.seed or 0, negative_prompt=args.negative, settings=given, weights=weights,
                      progress=not args.no_progress)
