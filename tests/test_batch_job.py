@@ -85,12 +85,13 @@ def test_bad_prompt_files_name_the_line(tmp_path, content, match):
 
 
 # ------------------------------------------------------------------------------------ regeneration
-def test_sidecar_regenerates_its_image_exactly(pipe, tmp_path):
+def test_sidecar_regenerates_its_image_exactly(pipe, tmp_path, capsys):
     """An image decoded in a batch of two regenerates bit for bit (float hash and PNG) from its sidecar."""
     out = tmp_path / "out"
-    result = batch.run_job(pipe, prompt_file(tmp_path, PROMPTS[:3]), out, batch_size=2, seed=5, settings=SETTINGS,
-                           progress=False)
+    result = batch.run_job(pipe, prompt_file(tmp_path, PROMPTS[:3]), out, batch_size=2, seed=5, settings=SETTINGS)
     assert result.written == ["000000_000", "000001_000", "000002_000"]
+    bar = capsys.readouterr().err  # one bar for the job, counting images, with the rate
+    assert "images: 100%" in bar and "3/3" in bar and ("img/s" in bar or "s/img" in bar) and "Stage C" not in bar
     side = outputs(out)["000001_000"]
     assert side["prompt"] == PROMPTS[1] and side["seed"] == 6 and side["height"] == 128
     assert side["prior_guidance_scale"] == 4.0 and side["environment"]["wuerstchen_fast"]
