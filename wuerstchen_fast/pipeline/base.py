@@ -190,6 +190,9 @@ class StagePipeline:
         elif gpu_id is not None:
             device = torch.device(torch.device(device).type, gpu_id)
         device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"enable_model_cpu_offload moves each module to {device} while it runs, but no CUDA "
+                             "device is available here; run without offload on the CPU")
         self._check_cuda_graphs(self.cuda_graphs, device)
         self._offload = ModelOffload(self._components, lambda name: getattr(self, name), device)
         self.device = device
