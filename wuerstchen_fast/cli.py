@@ -10,6 +10,7 @@ on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,20 +19,24 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="+", help="text prompt(s); several prompts make a batch, one image set each")
+    p.add_argument("prompt", nargs="*", help="text prompt(s); several prompts make a batch, one image set each "
+                                             "(or --prompts FILE for a batch job)")
     p.add_argument("--out", "-o", default="out.png",
                    help="output PNG path (default out.png); with several images, NAME_0.png, NAME_1.png, ...")
-    w = p.add_argument_group("weights (diffusers repo folders; no default weights are bundled yet)")
-    w.add_argument("--prior", help="folder of warp-ai/wuerstchen-prior (model_index.json, prior/, text_encoder/, "
-                                   "tokenizer/, scheduler/)")
-    w.add_argument("--decoder", help="folder of warp-ai/wuerstchen (decoder/, vqgan/, text_encoder/, tokenizer/, "
-                                     "scheduler/)")
+    w = p.add_argument_group("weights (Hub repo ids or diffusers repo folders; none: the bundled default model)")
+    w.add_argument("--prior", help="warp-ai/wuerstchen-prior, or a folder in its layout (model_index.json, prior/, "
+                                   "text_encoder/, tokenizer/, scheduler/)")
+    w.add_argument("--decoder", help="warp-ai/wuerstchen, or a folder in its layout (decoder/, vqgan/, text_encoder/, "
+                                     "tokenizer/, scheduler/)")
+    w.add_argument("--variant", default=None,
+                   help="weight file variant to read where present, e.g. fp16 or bf16; for Stable Cascade also 'lite' "
+                        "(its prior_lite/ and decoder_lite/ models) or 'lite_bf16'. --prior / --decoder also take "
+                        "stabilityai/stable-cascade-prior and stabilityai/stable-cascade (Würstchen v3: 1024x1024, "
+                        "20 + 10 steps by default)")
+    w.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the repo ids; "
+                                                    "HF_HUB_OFFLINE=1 uses the Hugging Face cache only")
     w.add_argument("--weights", help="one folder with both stages: a saved WuerstchenCombinedPipeline, or a folder "
                                      "holding prior/ and decoder/ repos (instead of --prior/--decoder)")
-    w.add_argument("--variant", default=None,
-                   help="Stable Cascade: 'lite' (the prior_lite/ and decoder_lite/ models), 'bf16' (the *.bf16 weight "
-                        "files) or 'lite_bf16'. --prior / --decoder also take the stabilityai/stable-cascade-prior and "
-                        "stabilityai/stable-cascade folders (Würstchen v3: 1024x1024, 20 + 10 steps by default)")
     g = p.add_argument_group("generation")
     g.add_argument("--negative", default=None, help="negative prompt (used where guidance is on)")
     g.add_argument("--height", type=int, default=None,
@@ -48,6 +53,12 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decoder-guidance", type=float, default=None,
                    help="Stage B classifier-free guidance scale (default 0.0 = off, or the weights' own; applied only when > 1)")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    j = p.add_argument_group("batch job (resumable; under torchrun each rank takes its share)")
+    j.add_argument("--prompts", metavar="FILE", help="a .txt file (one prompt a line) or .jsonl (one JSON object a "
+                                                    "line: prompt, and overrides such as seed, negative_prompt, "
+                                                    "height, num_images, id); writes NAME.png + NAME.json per image")
+    j.add_argument("--out-dir", metavar="DIR", help="output folder of the batch job (required with --prompts)")
+    j.add_argument("--batch-size", type=int, default=1, help="images per pipeline call in the batch job (default 1)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -60,9 +71,13 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     from .pipeline import DEFAULT_STAGE_C_TIMESTEPS, load_pipeline
 
-    extra = {"variant": args.variant} if args.variant else {}
+    if args.prompts is not None or args.out_dir is not None:
+        return _run_batch_job(args)
+    if not args.prompt:
+        raise ValueError("give a prompt, or --prompts FILE --out-dir DIR for a batch job")
     pipe = load_pipeline(args.prior, args.decoder, weights=args.weights, device=args.device, dtype=args.dtype,
-                         compile=args.compile, cuda_graphs=args.cuda_graphs, **extra)
+                         compile=args.compile, cuda_graphs=args.cuda_graphs, variant=args.variant,
+                         revision=args.revision)
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
     # Options left unset fall back to the pipeline's defaults (for the bundled model: its sampling.json).
     given = dict(height=args.height, width=args.width, prior_num_inference_steps=args.prior_steps,
@@ -82,6 +97,31 @@ def _run_sample(args: argparse.Namespace) -> int:
     for img, path in zip(images, paths):
         img.save(path, format="PNG")
         print(path)
+    return 0
+
+
+def _run_batch_job(args: argparse.Namespace) -> int:
+    import torch
+
+    from .batch import job_weights, run_job
+    from .pipeline import DEFAULT_STAGE_C_TIMESTEPS, load_pipeline
+
+    if args.prompt or args.prompts is None or args.out_dir is None:
+        raise ValueError("a batch job takes --prompts FILE and --out-dir DIR, and no prompt on the command line")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    sources, weights = job_weights(args.prior, args.decoder, args.weights, variant=args.variant, revision=args.revision)
+    pipe = load_pipeline(sources["prior"], sources["decoder"], weights=sources["weights"], device=device,
+                         dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs, variant=args.variant)
+    given = dict(height=args.height, width=args.width, prior_num_inference_steps=args.prior_steps,
+                 prior_guidance_scale=args.prior_guidance, num_inference_steps=args.steps,
+                 decoder_guidance_scale=args.decoder_guidance,
+                 prior_timesteps=list(DEFAULT_STAGE_C_TIMESTEPS) if args.prior_fast else None)
+    result = run_job(pipe, args.prompts, args.out_dir, batch_size=args.batch_size, num_images=args.num_images,
+                     seed=args.seed or 0, negative_prompt=args.negative, settings=given, weights=weights,
+                     progress=not args.no_progress)
+    print(f"{args.out_dir}: wrote {len(result.written)} images, {result.skipped} already there "
+          f"({result.total} in the whole job)")
     return 0
 
 

@@ -11,7 +11,7 @@ from .base import PipelineConfig, StagePipeline
 from .checks import LatentGeometry
 from .core import WuerstchenPipeline
 from .decoder import WuerstchenDecoderPipeline
-from .loading import NoDefaultWeightsError, load_pipeline, sample
+from .loading import NoDefaultWeightsError, load_decoder_pipeline, load_pipeline, load_prior_pipeline, sample
 from .outputs import ImagePipelineOutput, PipelineOutput, WuerstchenPriorPipelineOutput
 from .prior import WuerstchenPriorPipeline
 from .stable_cascade import StableCascadeDecoderPipeline, StableCascadePriorPipeline, StableCascadePriorPipelineOutput
@@ -35,6 +35,8 @@ __all__ = [
     "WuerstchenPipeline",
     "WuerstchenPriorPipeline",
     "WuerstchenPriorPipelineOutput",
+    "load_decoder_pipeline",
     "load_pipeline",
+    "load_prior_pipeline",
     "sample",
 ]

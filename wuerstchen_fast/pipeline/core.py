@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -43,6 +44,29 @@ _CALL_KEYS = {
 }
 
 
+def connected_prior(folder) -> str | None:
+    """The prior repo a decoder repo's model card names (`prior:` in its README's YAML header), if any."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    lines = readme.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    header = lines[1:lines.index("---", 1)] if "---" in lines[1:] else []
+    for i, line in enumerate(header):
+        key, _, rest = line.partition(":")
+        if key.strip() != "prior":
+            continue
+        rest = rest.strip().strip("[]").strip()
+        if rest:
+            return rest.split(",")[0].strip().strip("'\"")
+        following = header[i + 1:i + 2]  # a YAML list: its first item on the next line
+        if following and following[0].strip().startswith("-"):
+            return following[0].strip()[1:].strip().strip("'\"") or None
+        return None
+    return None
+
+
 class WuerstchenPipeline:
     """The three stages and both text encoders, as `.prior_pipe` and `.decoder_pipe`; `__call__` generates images.
 
@@ -72,6 +96,33 @@ class WuerstchenPipeline:
         self.decoder_pipe = self.decoder_pipeline_class(decoder, vqgan, decoder_text, config=parts["decoder"],
                                                         **common)
         self._call_defaults: dict = {}
+
+    @classmethod
+    def from_pipes(cls, prior_pipe: WuerstchenPriorPipeline, decoder_pipe: WuerstchenDecoderPipeline):
+        """The combined pipeline over two built stage pipelines (as diffusers' combined pipelines hold them)."""
+        self = cls.__new__(cls)
+        self.prior_pipe, self.decoder_pipe, self._call_defaults = prior_pipe, decoder_pipe, {}
+        return self
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, prior=None, **kwargs) -> "WuerstchenPipeline":
+        """As diffusers' `WuerstchenCombinedPipeline.from_pretrained("warp-ai/wuerstchen")`: the decoder repo,
+        with the prior repo its model card names (`prior:` in README.md) unless `prior=` is given; on the
+        CPU unless `device=`. Other keywords as `load_pipeline`. No argument: the bundled default model."""
+        from .hub import hub_folder, is_repo_id
+        from .loading import load_pipeline
+
+        kwargs = {"device": "cpu", **kwargs}
+        decoder = pretrained_model_name_or_path
+        if decoder is not None and prior is None:
+            folder = decoder
+            if is_repo_id(decoder):
+                hub_keys = ("revision", "cache_dir", "local_files_only", "variant", "use_safetensors", "token")
+                folder = hub_folder(decoder, **{k: kwargs[k] for k in hub_keys if k in kwargs})
+            prior = connected_prior(folder)
+            if prior is None:  # a combined or bundle folder holds both stages
+                return load_pipeline(weights=folder, **kwargs)
+        return load_pipeline(prior, decoder, **kwargs)
 
     # ------------------------------------------------------------------------- the parts
     prior = property(lambda self: self.prior_pipe.prior, lambda self, m: setattr(self.prior_pipe, "prior", m))
@@ -108,16 +159,22 @@ class WuerstchenPipeline:
     @call_defaults.setter
     def call_defaults(self, defaults: dict) -> None:
         self._call_defaults = dict(defaults)
-        subs = {"prior": {}, "decoder": {}}
-        for key, value in self._call_defaults.items():
+        subs = self.stage_call_defaults(self._call_defaults)
+        self.prior_pipe.call_defaults, self.decoder_pipe.call_defaults = subs["prior"], subs["decoder"]
+
+    @staticmethod
+    def stage_call_defaults(defaults: dict) -> dict[str, dict]:
+        """Combined-call defaults -> {"prior": ..., "decoder": ...} by the stage pipelines' argument names."""
+        subs: dict[str, dict] = {"prior": {}, "decoder": {}}
+        for key, value in defaults.items():
             if key in _CALL_KEYS:
                 stage, name = _CALL_KEYS[key]
                 subs[stage][name] = value
             else:  # an argument both stages share (negative_prompt, ...)
-                for stage, pipe in (("prior", self.prior_pipe), ("decoder", self.decoder_pipe)):
-                    if key in inspect.signature(type(pipe).__call__).parameters:
+                for stage, cls in (("prior", WuerstchenPriorPipeline), ("decoder", WuerstchenDecoderPipeline)):
+                    if key in inspect.signature(cls.__call__).parameters:
                         subs[stage][key] = value
-        self.prior_pipe.call_defaults, self.decoder_pipe.call_defaults = subs["prior"], subs["decoder"]
+        return subs
 
     # ------------------------------------------------------------------------- placement
     def to(self, *args, **kwargs) -> "WuerstchenPipeline":

@@ -76,6 +76,14 @@ class WuerstchenDecoderPipeline(StagePipeline):
     def _expected_text_widths(self) -> dict:
         return {"prompt_embeds": config_value(self.decoder, "clip_embd", None)}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, **kwargs) -> "WuerstchenDecoderPipeline":
+        """As diffusers: a Hub id (`"warp-ai/wuerstchen"`) or folder, on the CPU unless `device=`; keywords
+        as `load_decoder_pipeline`."""
+        from .loading import load_decoder_pipeline
+
+        return load_decoder_pipeline(pretrained_model_name_or_path, **{"device": "cpu", **kwargs})
+
     @torch.no_grad()
     @with_call_defaults
     def __call__(

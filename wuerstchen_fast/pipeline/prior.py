@@ -48,6 +48,14 @@ class WuerstchenPriorPipeline(StagePipeline):
     def _expected_text_widths(self) -> dict:
         return {"prompt_embeds": config_value(self.prior, "c_cond", None)}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, **kwargs) -> "WuerstchenPriorPipeline":
+        """As diffusers: a Hub id (`"warp-ai/wuerstchen-prior"`) or folder, on the CPU unless `device=`;
+        keywords as `load_prior_pipeline` (torch_dtype, variant, revision, cache_dir, local_files_only, ...)."""
+        from .loading import load_prior_pipeline
+
+        return load_prior_pipeline(pretrained_model_name_or_path, **{"device": "cpu", **kwargs})
+
     @torch.no_grad()
     @with_call_defaults
     def __call__(

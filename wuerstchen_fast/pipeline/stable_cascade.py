@@ -26,7 +26,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..diffusion import DenoiseLoop
 from .base import call_arguments, config_value, with_call_defaults
 from .checks import check_finite
 from .decoder import OUTPUT_TYPES, WuerstchenDecoderPipeline
@@ -83,15 +82,9 @@ class _CascadeStage:
             check_finite(t, f"{type(self).__name__}'s text encoder ({name})")
         return fields
 
-    def _loop(self, name: str, guidance: float) -> DenoiseLoop:
-        model = getattr(self, name)
-        key = (name, id(model), guidance)
-        loop = self._loops.get(key)
-        if loop is None:  # the per-step half of the UNet: the conditioning comes precomputed
-            loop = self._loops[key] = DenoiseLoop(model.denoise, guidance, s=self.config["s"],
-                                                  scaler=self.config["scaler"], compile=self.compile,
-                                                  cuda_graphs=self.cuda_graphs)
-        return loop
+    @staticmethod
+    def _denoiser(model):
+        return model.denoise  # the per-step half of the UNet: the conditioning comes precomputed
 
     def _cfg_pair(self, named: dict, name: str, cfg: bool) -> torch.Tensor:
         """[cond; uncond] of a field as the denoiser sees it."""

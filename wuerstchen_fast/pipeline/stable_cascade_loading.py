@@ -27,10 +27,11 @@ from ..models.checkpoint_io import read_tensor_file
 from ..models.stable_cascade import StableCascadeUNet
 from ..models.stable_cascade_loading import OWN_STAGE, detect_family, load_stable_cascade
 from .base import config_value
-from .stable_cascade import CascadeTextEncoder
+from .stable_cascade import CascadeTextEncoder, StableCascadeDecoderPipeline, StableCascadePriorPipeline
 from .stable_cascade_combined import StableCascadeCombinedPipeline
+from .text_loading import load_tokenizer_source
 
-__all__ = ["is_stable_cascade", "load_stable_cascade_pipeline", "split_variant"]
+__all__ = ["is_stable_cascade", "load_stable_cascade_pipeline", "load_stable_cascade_stage", "split_variant"]
 
 _SC_PIPELINES = ("StableCascadePriorPipeline", "StableCascadeDecoderPipeline", "StableCascadeCombinedPipeline")
 # The original Stage A applies 0.43 to its latents (modules/stage_a.py); diffusers' vqgan/config.json says its own.
@@ -70,11 +71,11 @@ def _is_sc_source(src) -> bool:
     return False
 
 
-def is_stable_cascade(prior, decoder, weights) -> bool:
-    """Whether the sources given to `load_pipeline` are a Stable Cascade pipeline's."""
+def is_stable_cascade(*sources, weights=None) -> bool:
+    """Whether the sources given to a loader (local paths or built models) are Stable Cascade's."""
     if weights is not None:
         return _json(Path(weights) / "model_index.json").get("_class_name") in _SC_PIPELINES
-    return _is_sc_source(prior) or _is_sc_source(decoder)
+    return any(_is_sc_source(s) for s in sources)
 
 
 def split_variant(variant: str | None, lite: bool) -> tuple[bool, str | None]:
@@ -98,10 +99,15 @@ def _repo(path, kind: str) -> Path | None:
     return p
 
 
-def _sources(prior, decoder, weights, explicit: dict) -> dict[str, Any]:
+_NEEDED = {"prior": ("prior_text_encoder", "prior_tokenizer"),
+           "decoder": ("vqgan", "decoder_text_encoder", "decoder_tokenizer")}
+
+
+def _sources(stages: dict, weights, explicit: dict) -> dict[str, Any]:
+    """One source per part for the stages in `stages` ({"prior": arg, "decoder": arg}, None for absent ones)."""
     src: dict[str, Any] = {}
     if weights is not None:
-        if prior is not None or decoder is not None:
+        if any(v is not None for v in stages.values()):
             raise ValueError("pass either weights= (one folder with both stages) or prior=/decoder=, not both")
         w = Path(weights)
         src.update(prior=w / "prior_prior", prior_text_encoder=w / "prior_text_encoder",
@@ -111,12 +117,11 @@ def _sources(prior, decoder, weights, explicit: dict) -> dict[str, Any]:
                    decoder_tokenizer=w / "tokenizer", decoder_scheduler=w / "scheduler", prior_index={},
                    decoder_index=_json(w / "model_index.json"))
     else:
-        if prior is None or decoder is None:
-            missing = "prior" if prior is None else "decoder"
-            raise ValueError(f"{missing}= is missing: a Stable Cascade pipeline needs both stages, e.g. "
-                             "load_pipeline(prior='<stabilityai/stable-cascade-prior folder>', "
-                             "decoder='<stabilityai/stable-cascade folder>')")
-        for kind, arg in (("prior", prior), ("decoder", decoder)):
+        for kind, arg in stages.items():
+            if arg is None:
+                raise ValueError(f"{kind}= is missing: a Stable Cascade pipeline needs both stages, e.g. "
+                                 "load_pipeline(prior='stabilityai/stable-cascade-prior', "
+                                 "decoder='stabilityai/stable-cascade') (Hub ids or local folders of those repos)")
             repo = _repo(arg, kind)
             src[kind] = repo if repo is not None else arg
             if repo is not None:
@@ -136,15 +141,19 @@ def _sources(prior, decoder, weights, explicit: dict) -> dict[str, Any]:
     for optional in ("image_encoder", "feature_extractor"):
         if isinstance(src.get(optional), Path) and not src[optional].exists():
             src.pop(optional)  # image variation is optional
-    absent = [k for k in ("vqgan", "prior_text_encoder", "prior_tokenizer", "decoder_text_encoder",
-                          "decoder_tokenizer") if src.get(k) is None]
+    absent = [k for stage in stages for k in _NEEDED[stage] if src.get(k) is None]
     if absent:
         names = sorted({"text_encoder" if "text_encoder" in k else "tokenizer" if "tokenizer" in k else k
                         for k in absent})
-        raise ValueError(f"cannot find {', '.join(absent)}: prior=/decoder= were not Stable Cascade repo folders, so "
+        raise ValueError(f"cannot find {', '.join(absent)}: the sources were not Stable Cascade repo folders, so "
                          f"pass {', '.join(n + '=' for n in names)} explicitly (e.g. the vqgan/, text_encoder/ and "
                          "tokenizer/ folders of stabilityai/stable-cascade)")
     return src
+
+
+def _scheduler(folder) -> dict:
+    cfg = _json(Path(folder) / "scheduler_config.json") if isinstance(folder, (str, Path)) else {}
+    return {"s": float(cfg.get("s", 0.008)), "scaler": float(cfg.get("scaler", 1.0))}
 
 
 def _unet(src, stage: str, lite: bool, variant, device, dtype):
@@ -170,7 +179,6 @@ def _vqgan(src, device, dtype):
 
 def _text(tokenizer_src, model_src, variant, device, dtype, cache: dict) -> CascadeTextEncoder:
     from ..models.text import load_text_encoder
-    from .loading import _load_tokenizer
 
     def load(src, build):
         if not isinstance(src, (str, Path)):
@@ -185,7 +193,7 @@ def _text(tokenizer_src, model_src, variant, device, dtype, cache: dict) -> Casc
         v = variant if variant is not None and any(p.glob(f"*.{variant}.*")) else None
         return load_text_encoder(p, device=device, dtype=dtype, variant=v)
 
-    return CascadeTextEncoder(load(tokenizer_src, _load_tokenizer), load(model_src, model))
+    return CascadeTextEncoder(load(tokenizer_src, load_tokenizer_source), load(model_src, model))
 
 
 def _same_files(a, b) -> bool:
@@ -227,45 +235,65 @@ def _feature_extractor(src):
     return CLIPImagePreprocessor.from_folder(src)
 
 
-def load_stable_cascade_pipeline(prior=None, decoder=None, *, weights=None, device, dtype, compile=False,
-                                 cuda_graphs=False, variant: str | None = None, lite: bool = False,
-                                 **explicit) -> StableCascadeCombinedPipeline:
-    """The Stable Cascade pipeline from the sources of the module docstring. `explicit`: vqgan, text_encoder,
-    tokenizer, prior_text_encoder, prior_tokenizer, decoder_text_encoder, decoder_tokenizer, image_encoder,
-    feature_extractor (paths or built objects)."""
-    known = {"vqgan", "text_encoder", "tokenizer", "prior_text_encoder", "prior_tokenizer", "decoder_text_encoder",
-             "decoder_tokenizer", "image_encoder", "feature_extractor"}
-    unknown = sorted(set(explicit) - known)
+_PARTS = ("vqgan", "text_encoder", "tokenizer", "prior_text_encoder", "prior_tokenizer", "decoder_text_encoder",
+          "decoder_tokenizer", "image_encoder", "feature_extractor")
+
+
+def _check_parts(explicit: dict) -> None:
+    unknown = sorted(set(explicit) - set(_PARTS))
     if unknown:
-        raise TypeError(f"load_pipeline() got unexpected keyword arguments {unknown} for a Stable Cascade pipeline")
-    lite, file_variant = split_variant(variant, lite)
-    src = _sources(prior, decoder, weights, explicit)
-    stage_c = _unet(src["prior"], "prior", lite, file_variant, device, dtype)
-    stage_b = _unet(src["decoder"], "decoder", lite, file_variant, device, dtype)
+        raise TypeError(f"unexpected keyword arguments {unknown} for a Stable Cascade pipeline; its parts: {_PARTS}")
+
+
+def _build_prior(src, lite, variant, device, dtype, opts, cache) -> StableCascadePriorPipeline:
+    stage_c = _unet(src["prior"], "prior", lite, variant, device, dtype)
+    index = src.get("prior_index", {})
+    config = dict(resolution_multiple=float(index.get("resolution_multiple", 42.67)),
+                  c_in=int(config_value(stage_c, "in_channels", 16)), **_scheduler(src.get("prior_scheduler")))
+    text = _text(src["prior_tokenizer"], src["prior_text_encoder"], variant, device, dtype, cache)
+    return StableCascadePriorPipeline(stage_c, text, image_encoder=_image_encoder(src.get("image_encoder"), device,
+                                                                                   dtype),
+                                      feature_extractor=_feature_extractor(src.get("feature_extractor")),
+                                      device=device, dtype=dtype, config=config, **opts)
+
+
+def _build_decoder(src, lite, variant, device, dtype, opts, cache,
+                   resolution_multiple: float = 42.67) -> StableCascadeDecoderPipeline:
+    stage_b = _unet(src["decoder"], "decoder", lite, variant, device, dtype)
     stage_a = _vqgan(src["vqgan"], device, dtype)
-    cache: dict = {}
-    prior_text = _text(src["prior_tokenizer"], src["prior_text_encoder"], file_variant, device, dtype, cache)
-    decoder_text = _text(src["decoder_tokenizer"], src["decoder_text_encoder"], file_variant, device, dtype, cache)
-    if _same_text_encoder(prior_text, decoder_text, src):
-        decoder_text = prior_text  # one encoder serves both stages: half the memory, and the call encodes once
-
-    from .loading import _scheduler_cfg
-
-    p_index, d_index = src.get("prior_index", {}), src.get("decoder_index", {})
-    p_sched, d_sched = _scheduler_cfg(src.get("prior_scheduler")), _scheduler_cfg(src.get("decoder_scheduler"))
-    patch = config_value(stage_b, "patch_size", 2)
     config = dict(
-        resolution_multiple=float(p_index.get("resolution_multiple", 42.67)),
-        latent_dim_scale=float(d_index.get("latent_dim_scale", 10.67)),
-        prior_s=p_sched["s"], prior_scaler=p_sched["scaler"], decoder_s=d_sched["s"], decoder_scaler=d_sched["scaler"],
-        prior_c_in=int(config_value(stage_c, "in_channels", 16)),
-        decoder_c_in=int(config_value(stage_b, "in_channels", 4)),
-        decoder_multiple=int(patch),
+        latent_dim_scale=float(src.get("decoder_index", {}).get("latent_dim_scale", 10.67)),
         vq_scale_factor=float(config_value(stage_a, "scale_factor", 0.3764)),
+        decoder_multiple=int(config_value(stage_b, "patch_size", 2)),
         pixels_per_latent=int(config_value(stage_a, "up_down_scale_factor", 2) ** config_value(stage_a, "levels", 2)),
-    )
-    return StableCascadeCombinedPipeline(
-        stage_c, stage_b, stage_a, prior_text, decoder_text, image_encoder=_image_encoder(src.get("image_encoder"),
-                                                                                          device, dtype),
-        feature_extractor=_feature_extractor(src.get("feature_extractor")), device=device, dtype=dtype,
-        config=config, compile=compile, cuda_graphs=cuda_graphs)
+        c_in=int(config_value(stage_b, "in_channels", 4)), resolution_multiple=resolution_multiple,
+        **_scheduler(src.get("decoder_scheduler")))
+    text = _text(src["decoder_tokenizer"], src["decoder_text_encoder"], variant, device, dtype, cache)
+    return StableCascadeDecoderPipeline(stage_b, stage_a, text, device=device, dtype=dtype, config=config, **opts)
+
+
+def load_stable_cascade_pipeline(prior=None, decoder=None, *, weights=None, device, dtype, opts: dict,
+                                 variant: str | None = None, lite: bool = False,
+                                 **explicit) -> StableCascadeCombinedPipeline:
+    """The Stable Cascade pipeline from the sources of the module docstring (local paths: Hub ids are resolved
+    by the caller). `explicit`: the parts of `_PARTS` (paths or built objects); `opts`: compile / cuda_graphs."""
+    _check_parts(explicit)
+    lite, file_variant = split_variant(variant, lite)
+    src = _sources({"prior": prior, "decoder": decoder}, weights, explicit)
+    cache: dict = {}
+    prior_pipe = _build_prior(src, lite, file_variant, device, dtype, opts, cache)
+    decoder_pipe = _build_decoder(src, lite, file_variant, device, dtype, opts, cache,
+                                  prior_pipe.config["resolution_multiple"])
+    if _same_text_encoder(prior_pipe.text, decoder_pipe.text, src):
+        decoder_pipe.text = prior_pipe.text  # one encoder serves both stages: half the memory, one encoding a call
+    return StableCascadeCombinedPipeline.from_pipes(prior_pipe, decoder_pipe)
+
+
+def load_stable_cascade_stage(stage: str, source, *, device, dtype, opts: dict, variant: str | None = None,
+                              lite: bool = False, **explicit):
+    """One Stable Cascade stage pipeline (`load_prior_pipeline` / `load_decoder_pipeline` of these weights)."""
+    _check_parts(explicit)
+    lite, file_variant = split_variant(variant, lite)
+    src = _sources({stage: source}, None, explicit)
+    build = _build_prior if stage == "prior" else _build_decoder
+    return build(src, lite, file_variant, device, dtype, opts, {})
