@@ -86,6 +86,11 @@ class _CascadeStage:
     def _denoiser(model):
         return model.denoise  # the per-step half of the UNet: the conditioning comes precomputed
 
+    def _denoise(self, name: str, *args, **kwargs):
+        # The conditioning runs the UNet's own mappers: one placement for it and the chain (offload moves once).
+        with self._placed(name):
+            return super()._denoise(name, *args, **kwargs)
+
     def _cfg_pair(self, named: dict, name: str, cfg: bool) -> torch.Tensor:
         """[cond; uncond] of a field as the denoiser sees it."""
         cond, uncond = named[name], named.get(f"negative_{name}")
@@ -219,8 +224,7 @@ class StableCascadePriorPipeline(_CascadeStage, WuerstchenPriorPipeline):
         if img is not None and cfg:
             img = torch.cat([img, torch.zeros_like(img)])
         pooled = self._cfg_pair(named, "prompt_embeds_pooled", cfg)
-        with self._placed("prior"):
-            return list(self.prior.prepare_conditioning(pooled, named["text_encoder_hidden_states"], img))
+        return list(self.prior.prepare_conditioning(pooled, named["text_encoder_hidden_states"], img))
 
     def _output(self, req, embeddings, named: dict):
         fields = [embeddings] + [named.get(k) for k in ("prompt_embeds", "prompt_embeds_pooled",
@@ -308,7 +312,6 @@ class StableCascadeDecoderPipeline(_CascadeStage, WuerstchenDecoderPipeline):
             effnet = torch.cat([effnet, torch.zeros_like(effnet)])
         ls = self.config["latent_dim_scale"]
         size = (int(effnet.shape[-2] * ls), int(effnet.shape[-1] * ls))
-        with self._placed("decoder"):
-            return list(self.decoder.prepare_conditioning(self._cfg_pair(named, "prompt_embeds_pooled", cfg),
-                                                          effnet=effnet, sample_size=size))
+        return list(self.decoder.prepare_conditioning(self._cfg_pair(named, "prompt_embeds_pooled", cfg),
+                                                      effnet=effnet, sample_size=size))
 
