@@ -9,7 +9,8 @@
 
 At size "released" (a GPU, bf16) the models have the v2 sizes; at "small" (a CPU, fp32) they keep
 the released layouts at narrow widths and smaller images, so the suite runs in minutes and never
-rots. Weights are random (wuerstchen_fast.testing.random_models), the same for diffusers and ours.
+rots; "tiny" (the parity tests' models on small latents) is for rehearsing the GPU check on a CPU
+in seconds, not for timing. Weights are random (wuerstchen_fast.testing.random_models), the same for diffusers and ours.
 
 Providers (the baseline is diffusers' eager model, what issue 10's targets are stated against):
     diffusers          diffusers' WuerstchenPrior / WuerstchenDiffNeXt / PaellaVQModel, eager
@@ -36,11 +37,12 @@ from wuerstchen_fast.testing.random_models import (SIZES, make_diffusers_decoder
                                                    make_diffusers_vqgan, ours_from_diffusers, scale_output_heads_)
 
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-CFG = SIZES["v2" if SIZE == "released" else "small"]
+CFG = SIZES[{"released": "v2"}.get(SIZE, SIZE)]
 # Latent sizes: released = 1024x1024 images; small = 512x512-equivalent decoder latents on CPU.
 GEOMETRY = {
     "released": dict(c_hw=(24, 24), b_hw=(256, 256), a_hw=(256, 256)),
     "small": dict(c_hw=(24, 24), b_hw=(128, 128), a_hw=(64, 64)),
+    "tiny": dict(c_hw=(8, 8), b_hw=(32, 32), a_hw=(16, 16)),
 }[SIZE]
 
 # Issue 6's CPU target: a whole Stage B forward at the decoder's level-0/1 sizes. The released decoder's first

@@ -47,7 +47,8 @@ def _device() -> str:
 
 DEVICE = _device()
 SIZE = os.environ.get("WF_BENCH_SIZE") or ("released" if DEVICE == "cuda" else "small")
-"""'released' (the v2 sizes, for a GPU) or 'small' (configs a 2-core CPU runs in minutes)."""
+"""'released' (the v2 sizes, for a GPU), 'small' (configs a 2-core CPU runs in minutes) or 'tiny' (the
+parity tests' models: rehearsing bench/gpu_check.sh on a CPU, not for timing)."""
 
 
 def sync() -> None:
