@@ -15,7 +15,9 @@ Providers (baseline: diffusers eager):
     auto               ours, default backends
     auto-compile       ours with compile=True
     auto-cudagraphs, auto-compile-cudagraphs   ours with cuda_graphs=True (CUDA only)
-Each row also records the largest pixel difference from diffusers' image for the same seed.
+Each row also records the largest pixel difference from diffusers' image for the same seed, and the
+FLOPs of one image (torch's FlopCounterMode over diffusers' pipeline: matmuls, convolutions,
+attention), so its rate sits against the matmul ceiling: the time at that ceiling is the floor.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import os
 import pytest
 import torch
 
-from bench.common import DEVICE, SIZE
+from bench.common import DEVICE, SIZE, count_flops
 from wuerstchen_fast.pipeline import WuerstchenPipeline
 from wuerstchen_fast.testing.random_models import build_pipelines
 
@@ -43,6 +45,7 @@ PROVIDERS = ("diffusers", "diffusers-compile", "torch", "auto", "auto-compile", 
              "auto-compile-cudagraphs")
 
 _STATE: dict = {}
+_FLOPS: dict = {}
 
 
 def _pipes():
@@ -91,9 +94,12 @@ def test_e2e_sample(benchmark, measure, steps, provider):
             with wuerstchen_fast.backend(request):
                 return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), progress=False, **call_kw).images
 
+    if steps not in _FLOPS:  # the same work for every provider: counted once, on diffusers' eager pipeline
+        _FLOPS[steps] = count_flops(lambda: ref(PROMPT, generator=torch.Generator().manual_seed(0), **call_kw))
     try:
         h, w = CALL["height"], CALL["width"]
         out = measure(benchmark, fn, [(s,) for s in SEEDS], provider=provider, baseline=provider == "diffusers",
+                      flops=_FLOPS[steps],
                       group=f"e2e sample {h}x{w} prior {prior_steps} + decoder {decoder_steps} steps {SIZE} "
                             f"{str(DTYPE)[6:]}", min_rounds=3)
     finally:

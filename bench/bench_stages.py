@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import wuerstchen_fast
-from bench.common import DEVICE, SIZE, skip_unless_backend_available
+from bench.common import DEVICE, SIZE, count_flops, skip_unless_backend_available
 from wuerstchen_fast.diffusion import DenoiseLoop
 from wuerstchen_fast.testing.random_models import (SIZES, make_diffusers_decoder, make_diffusers_prior,
                                                    make_diffusers_vqgan, ours_from_diffusers, scale_output_heads_)
@@ -106,14 +106,6 @@ def _inputs(stage: str, n_sets: int = 2):
     return sets
 
 
-def _count_flops(fn, args) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return float(counter.get_total_flops())
-
-
 def _step_fn(model, guidance: float, *, compile=False, graphs=False):
     return DenoiseLoop(model, guidance, compile=compile, cuda_graphs=graphs)._step
 
@@ -164,7 +156,7 @@ def _run(benchmark, measure, stage: str, provider: str, label: str, min_rounds: 
             return fn(*args)
 
     if stage not in _FLOPS:
-        _FLOPS[stage] = _count_flops(_callable(stage, "diffusers")[0], sets[0])
+        _FLOPS[stage] = count_flops(_callable(stage, "diffusers")[0], *sets[0])
     flops = _FLOPS[stage]
     with torch.no_grad():
         out = measure(benchmark, call, sets, group=f"{stage} {label} {SIZE} {str(DTYPE)[6:]}", provider=provider,

@@ -150,6 +150,15 @@ def ceilings() -> dict:
     return _CEILINGS
 
 
+def count_flops(fn: Callable, *args) -> float:
+    """FLOPs of one call of fn(*args) by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return float(counter.get_total_flops())
+
+
 # --------------------------------------------------------------------------------------- peak memory
 
 class PeakMemory:
