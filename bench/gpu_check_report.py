@@ -2,6 +2,7 @@
 
     python bench/gpu_check_report.py env --out FILE          versions, device facts and measured ceilings
     python bench/gpu_check_report.py build-info --out FILE [--expect-cuda]
+    python bench/gpu_check_report.py build-current [--arch ARCHS]   exit 0 when _C needs no build
     python bench/gpu_check_report.py init --out DIR --rev REV --rehearse 0|1 --result NAME
     python bench/gpu_check_report.py stage --out DIR --name NAME --rc RC --seconds S --budget B --work WORK
     python bench/gpu_check_report.py pack --out DIR --work WORK
@@ -98,6 +99,33 @@ def build_facts(expect_cuda: bool) -> dict:
     if expect_cuda and not info.get("with_cuda"):
         raise SystemExit(f"gpu_check: _C was built without CUDA kernels ({info}); is CUDA_HOME / nvcc found?")
     return dict(info)
+
+
+def stale_reason(arch: str | None, tree: Path = ROOT) -> str | None:
+    """Why the in-place _C must be (re)built, or None when it is current: it loads under this torch, was
+    built for `arch` (None: any), and is newer than every build input. On a warm machine a rerun of the
+    check then skips the compile; a fresh tree has no _C (it is not tracked), so it always builds."""
+    libs = sorted((tree / "wuerstchen_fast").glob("_C*.so"))
+    if not libs:
+        return "no compiled _C in the tree"
+    inputs = [tree / "setup.py", tree / "csrc" / "sources.txt"]
+    for folder in ("csrc", "kernels/cuda"):
+        inputs += [p for p in (tree / folder).rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")]
+    newest = max(p.stat().st_mtime for p in inputs if p.exists())
+    if min(lib.stat().st_mtime for lib in libs) < newest:
+        return "a source is newer than _C"
+    import torch
+
+    from wuerstchen_fast._extension import build_info
+
+    info = build_info()
+    if info is None:
+        return "_C does not load here"
+    if info.get("torch_version") != torch.__version__:
+        return f"_C was built for torch {info.get('torch_version')}, this is {torch.__version__}"
+    if arch and (not info.get("with_cuda") or info.get("cuda_archs") != arch):
+        return f"_C was built for CUDA archs {info.get('cuda_archs')!r}, not {arch!r}"
+    return None
 
 
 def test_counts(rows: list) -> dict:
@@ -261,6 +289,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("build-info")
     p.add_argument("--out", required=True)
     p.add_argument("--expect-cuda", action="store_true")
+    p = sub.add_parser("build-current", help="exit 0 when the in-place _C needs no build (see stale_reason)")
+    p.add_argument("--arch", default=None)
     p = sub.add_parser("init")
     for k in ("--out", "--rev", "--rehearse", "--result"):
         p.add_argument(k, required=True)
@@ -282,6 +312,10 @@ def main(argv=None) -> int:
         _write_json(Path(a.out), facts)
         print(json.dumps(facts, indent=1, default=str))
         return 0
+    if a.cmd == "build-current":
+        reason = stale_reason(a.arch or None)
+        print(f"gpu_check: _C must be built: {reason}" if reason else "gpu_check: _C is current: no build needed")
+        return 1 if reason else 0
     if a.cmd == "build-info":
         facts = build_facts(a.expect_cuda)
         _write_json(Path(a.out), facts)
