@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
     *) echo "image_build_check: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
 done
+case "$ALT" in /*) ;; *) ALT=$ROOT/$ALT ;; esac
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # still right after the cd below
 TORCH_DIR=$ALT/torch-$TORCH TRITON_DIR=$ALT/triton-$TRITON
 for spec in "torch==$TORCH:$TORCH_DIR" "triton==$TRITON:$TRITON_DIR"; do
@@ -40,17 +41,23 @@ for spec in "torch==$TORCH:$TORCH_DIR" "triton==$TRITON:$TRITON_DIR"; do
     touch "$dir/.complete"
   fi
 done
-export PYTHONPATH="$ROOT/$TORCH_DIR:$ROOT/$TRITON_DIR"
+export PYTHONPATH="$TORCH_DIR:$TRITON_DIR"
 "$PY" -c "import torch, triton; assert torch.__version__.startswith('$TORCH'), torch.__version__; \
 assert triton.__version__ == '$TRITON', triton.__version__; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
-'triton', triton.__version__, 'from', torch.__file__.rsplit('/', 3)[0].replace('$ROOT/', ''))"
+'triton', triton.__version__)"
 
 SRC=build/image-check/src
-rm -rf "$SRC" && mkdir -p "$SRC"
-git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$SRC"
+mkdir -p "$SRC"
+# Copied with their times kept, so a second run recompiles only what changed (ninja in the copy's build/).
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t "$SRC"
 cd "$SRC"
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
-[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && CUDA_HOME=/usr/local/cuda
+if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit root: the folder whose lib64 (or lib) holds libcudart, as setup.py
+  for c in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent/bin/nvcc)")")")" /usr/local/cuda; do
+    if compgen -G "$c/lib64/libcudart.so*" >/dev/null || compgen -G "$c/lib/libcudart.so*" >/dev/null; then
+      CUDA_HOME=$c; break
+    fi
+  done
+fi
 if [ -n "${CUDA_HOME:-}" ]; then
   echo "image_build_check: nvcc $("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'), TORCH_CUDA_ARCH_LIST=$ARCH"
   export CUDA_HOME TORCH_CUDA_ARCH_LIST=$ARCH

@@ -93,6 +93,15 @@ def test_prepare_wheels_dry_run_and_bad_arguments(tmp_path):
     assert r.returncode == 2 and "unknown argument '--bogus'" in r.stderr
 
 
+def test_travelling_tree_leaves_room_for_the_wheels():
+    """What travels to a GPU machine (tracked files + wheels/) must stay under the device tool's 64 MiB.
+    The wheels take 8.3 MiB (bench/prepare_wheels.sh); the tracked files may take 48 MiB, which leaves
+    ~8 MiB for growth (result files, weights) before the limit."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode()
+    tracked = sum((ROOT / f).stat().st_size for f in files.split("\0") if f and (ROOT / f).is_file())
+    assert tracked <= 48 * 2 ** 20, f"tracked files {tracked / 2 ** 20:.1f} MiB: with the wheels, near the 64 MiB limit"
+
+
 # ------------------------------------------------------------------------------------------ rehearsal
 
 def _probe_wheel(folder: Path) -> None:
