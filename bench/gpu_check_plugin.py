@@ -8,7 +8,8 @@ what finished.
                       every group runs before the second of any, so a stage cut short by its budget has
                       still touched every kernel family and backend. Inside a group the collected order
                       is kept.
---wf-deadline S       start no new test once S seconds have passed since the session began; the session
+--wf-deadline S       start no new test once S seconds have passed since the session began (or since the
+                      epoch time in WF_STAGE_START, where bench/gpu_check.sh started the stage); the session
                       stops as after Ctrl-C (reports and --junitxml / --benchmark-json are still written)
                       and the results file says how many tests did not run.
 --wf-results FILE     one JSON line per finished test (nodeid, outcome, seconds; for a benchmark its
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import time
 from pathlib import Path
 
@@ -89,6 +91,9 @@ class _Recorder:
         path = config.getoption("--wf-results")
         self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 (closed at unconfigure)
         self.t0 = time.monotonic()
+        start = os.environ.get("WF_STAGE_START")
+        if start:  # count the interpreter's start and the imports too
+            self.t0 -= max(0.0, time.time() - float(start))
         self.started = 0
         self.total = 0
 

@@ -2,7 +2,7 @@
 
     python bench/gpu_check_report.py env --out FILE          versions, device facts and measured ceilings
     python bench/gpu_check_report.py build-info --out FILE [--expect-cuda]
-    python bench/gpu_check_report.py build-current [--arch ARCHS]   exit 0 when _C needs no build
+    python bench/gpu_check_report.py build-current --out FILE [--arch ARCHS]   exit 0 when _C needs no build
     python bench/gpu_check_report.py init --out DIR --rev REV --rehearse 0|1 --result NAME
     python bench/gpu_check_report.py stage --out DIR --name NAME --rc RC --seconds S --budget B --work WORK
     python bench/gpu_check_report.py pack --out DIR --work WORK
@@ -291,6 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--expect-cuda", action="store_true")
     p = sub.add_parser("build-current", help="exit 0 when the in-place _C needs no build (see stale_reason)")
     p.add_argument("--arch", default=None)
+    p.add_argument("--out", required=True, help="where to write its build facts when it is current")
     p = sub.add_parser("init")
     for k in ("--out", "--rev", "--rehearse", "--result"):
         p.add_argument(k, required=True)
@@ -314,8 +315,13 @@ def main(argv=None) -> int:
         return 0
     if a.cmd == "build-current":
         reason = stale_reason(a.arch or None)
-        print(f"gpu_check: _C must be built: {reason}" if reason else "gpu_check: _C is current: no build needed")
-        return 1 if reason else 0
+        if reason:
+            print(f"gpu_check: _C must be built: {reason}")
+            return 1
+        facts = build_facts(expect_cuda=bool(a.arch))
+        _write_json(Path(a.out), facts)
+        print("gpu_check: _C is current, no build needed:", json.dumps(facts))
+        return 0
     if a.cmd == "build-info":
         facts = build_facts(a.expect_cuda)
         _write_json(Path(a.out), facts)

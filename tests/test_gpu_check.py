@@ -143,7 +143,7 @@ def test_rehearsal_runs_every_stage_and_keeps_what_finished(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["WF_CHECK_WHEELS_IMPORT"] = "import wf_rehearsal_probe; assert wf_rehearsal_probe.VALUE == 42"
     r = run("--rehearse", "--out", str(out), "--python", sys.executable, "--wheels", str(wheels), "--rev", "rehearse1",
-            cwd=tree, env=env, timeout=600)
+            cwd=tree, env=env, timeout=1500)
     log = (out / "gpu_check.log").read_text()
     assert r.returncode == 0, log[-6000:]
     summary = json.loads((out / "summary.json").read_text())
