@@ -4,7 +4,8 @@
 `WuerstchenDecoderPipeline` built from the random models of `_model_factories` (every parameter
 randomized), small random CLIP text models, and CLIPTokenizers made offline from open_clip's BPE
 vocabulary, written with `save_pretrained` (the warp-ai/wuerstchen-prior and warp-ai/wuerstchen
-layouts). `diffusers_combined(prior_dir, decoder_dir)` loads them back as diffusers' combined pipeline.
+layouts). `diffusers_combined(prior_dir, decoder_dir)` loads them back as diffusers' combined pipeline,
+`diffusers_split(prior_dir, decoder_dir)` as its prior and decoder pipelines.
 """
 import pytest
 import torch
@@ -46,14 +47,14 @@ def build_repos(root):
     return root / "wuerstchen-prior", root / "wuerstchen"
 
 
-def diffusers_combined(prior_dir, decoder_dir):
-    """Reload both saved repos, component by component (diffusers' from_pretrained cannot resolve
-    its deprecated Würstchen model classes from model_index.json), as a WuerstchenCombinedPipeline."""
-    from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
+def _diffusers_parts(prior_dir, decoder_dir) -> dict:
+    """Both saved repos reloaded component by component (diffusers' from_pretrained cannot resolve its
+    deprecated Würstchen model classes from model_index.json)."""
+    from diffusers import DDPMWuerstchenScheduler
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    pipe = WuerstchenCombinedPipeline(
+    return dict(
         tokenizer=CLIPTokenizer.from_pretrained(decoder_dir / "tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(decoder_dir / "text_encoder").eval(),
         decoder=WuerstchenDiffNeXt.from_pretrained(decoder_dir / "decoder").eval(),
@@ -64,8 +65,29 @@ def diffusers_combined(prior_dir, decoder_dir):
         prior_prior=WuerstchenPrior.from_pretrained(prior_dir / "prior").eval(),
         prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(prior_dir / "scheduler"),
     )
+
+
+def diffusers_combined(prior_dir, decoder_dir):
+    """The saved repos as diffusers' WuerstchenCombinedPipeline."""
+    from diffusers import WuerstchenCombinedPipeline
+
+    pipe = WuerstchenCombinedPipeline(**_diffusers_parts(prior_dir, decoder_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def diffusers_split(prior_dir, decoder_dir):
+    """The saved repos as diffusers' (WuerstchenPriorPipeline, WuerstchenDecoderPipeline)."""
+    from diffusers import WuerstchenDecoderPipeline, WuerstchenPriorPipeline
+
+    c = _diffusers_parts(prior_dir, decoder_dir)
+    prior = WuerstchenPriorPipeline(tokenizer=c["prior_tokenizer"], text_encoder=c["prior_text_encoder"],
+                                    prior=c["prior_prior"], scheduler=c["prior_scheduler"])
+    decoder = WuerstchenDecoderPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"],
+                                        decoder=c["decoder"], scheduler=c["scheduler"], vqgan=c["vqgan"])
+    for p in (prior, decoder):
+        p.set_progress_bar_config(disable=True)
+    return prior, decoder
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,14 @@ __version__ = "0.1.0"
 from . import ops
 from .ops.registry import BackendUnavailableError, backend, get_backend, set_backend
 
-__all__ = ["ops", "backend", "set_backend", "get_backend", "BackendUnavailableError", "load_pipeline",
-           "sample", "__version__"]
+_PIPELINE_NAMES = ("load_pipeline", "sample", "WuerstchenPipeline", "WuerstchenPriorPipeline",
+                   "WuerstchenDecoderPipeline")
+__all__ = ["ops", "backend", "set_backend", "get_backend", "BackendUnavailableError", *_PIPELINE_NAMES,
+           "__version__"]
 
 
 def __getattr__(name):  # the pipeline pulls in the models: import it on first use only
-    if name in ("load_pipeline", "sample"):
+    if name in _PIPELINE_NAMES:
         from . import pipeline
 
         return getattr(pipeline, name)

@@ -167,12 +167,14 @@ class DenoiseLoop:
         generator: torch.Generator | list[torch.Generator] | None = None,
         *,
         callback: StepCallback | None = None,
-        progress: bool = True,
+        progress: bool | dict = True,
         desc: str | None = None,
     ) -> torch.Tensor:
         """Run the chain. `timesteps`: float32 tensor of t values, model called at all but the last.
 
-        `callback(i, t, x) -> x` runs after each step (it may replace the latents).
+        `callback(i, t, x) -> x` runs after each step (it may replace the latents). `conds` is read
+        at every step, so a callback may also replace its entries (pass a list). `progress`: a tqdm
+        bar, or a dict of tqdm options for it.
         """
         device, dtype = x.device, x.dtype
         ts = timesteps.to(device=device, dtype=torch.float32)
@@ -186,7 +188,8 @@ class DenoiseLoop:
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc=desc, total=n)
+            options = progress if isinstance(progress, dict) else {}
+            steps = tqdm(steps, **{"desc": desc, "total": n, **options})
         for i in steps:
             noise = draw_noise(x.shape, generator, device, dtype)
             x = self._step(x, r_all[i], t_all[i], t_prev_all[i], noise, *conds)

@@ -1,7 +1,7 @@
 """Input checks for the pipeline call, and the NaN check between stages.
 
 Every check runs before any model does, and every message says what was wrong, what was expected
-and what to do. The size rule is the one of the released pipelines (spec §7):
+and what to do. The size rule is the one of the released pipelines:
 
     Stage C grid   h_c = ceil(H / 42.67)
     Stage B latent h_b = int(h_c · 10.67)     (must be a multiple of the decoder's downsampling)
@@ -17,8 +17,10 @@ import torch
 __all__ = [
     "SUPPORTED_DTYPES",
     "check_dtype",
-    "check_prompts",
+    "check_side",
     "check_steps",
+    "check_count",
+    "check_output_type",
     "check_guidance",
     "check_generator",
     "LatentGeometry",
@@ -40,35 +42,23 @@ def check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str] | None]:
-    """-> (prompts, negatives or None). A str negative applies to every prompt; a list must match."""
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-        if not prompts:
-            raise ValueError("prompt is an empty list: pass a string or a non-empty list of strings")
-    else:
-        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-    if negative_prompt is None:
-        return prompts, None
-    if isinstance(negative_prompt, str):
-        return prompts, [negative_prompt] * len(prompts)
-    if isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
-        if len(negative_prompt) != len(prompts):
-            raise ValueError(
-                f"negative_prompt has {len(negative_prompt)} entries but prompt has {len(prompts)}: pass one "
-                "negative prompt per prompt, or a single string for all of them"
-            )
-        return prompts, list(negative_prompt)
-    raise TypeError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
-
-
 def check_steps(name: str, steps, timesteps) -> None:
     if timesteps is not None:
         return  # validated by make_timesteps (range, order, length)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"{name} must be a positive int (number of denoiser calls), got {steps!r}")
+
+
+def check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_output_type(value, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"output_type must be one of {tuple(allowed)}, got {value!r}")
+    return value
 
 
 def check_guidance(name: str, scale) -> float:
@@ -100,6 +90,12 @@ def check_generator(generator, device: torch.device, batch: int):
                 f"generator is on {gd} but the pipeline runs on {device}: create it with {where}"
                 "torch.Generator('cpu') (reproducible across devices), or pass seed=..."
             )
+
+
+def check_side(name: str, side) -> int:
+    if isinstance(side, bool) or not isinstance(side, int) or side <= 0:
+        raise ValueError(f"{name} must be a positive int number of pixels, got {side!r}")
+    return side
 
 
 class LatentGeometry:
@@ -139,9 +135,7 @@ class LatentGeometry:
 
     def check(self, name: str, side) -> tuple[int, int]:
         """-> (Stage C side, Stage B side) for a requested pixel side, or a ValueError with the rule."""
-        if isinstance(side, bool) or not isinstance(side, int) or side <= 0:
-            raise ValueError(f"{name} must be a positive int number of pixels, got {side!r}")
-        h_c = self.prior_side(side)
+        h_c = self.prior_side(check_side(name, side))
         hb = self.decoder_side(h_c)
         if self._valid_grid(h_c):
             return h_c, hb
@@ -152,6 +146,20 @@ class LatentGeometry:
             f"Stage B latent of int({h_c}*{ls}) = {hb}, but the decoder needs a multiple of {m} "
             f"(its patch size times its downsamplings). Output side = {f}*int(ceil(H/{rm})*{ls}). "
             f"Nearest valid {name}: {options}."
+        )
+
+
+    def check_grid(self, name: str, h_c: int) -> int:
+        """-> the Stage B side for a Stage C grid side (of given image embeddings), or a ValueError."""
+        if self._valid_grid(h_c):
+            return self.decoder_side(h_c)
+        ok = [k for k in range(max(1, h_c - 64), h_c + 65) if self._valid_grid(k)]
+        near = sorted(ok, key=lambda k: (abs(k - h_c), k))[:2]
+        ls, m = self.latent_dim_scale, self.decoder_multiple
+        raise ValueError(
+            f"image_embeddings {name} {h_c} gives a Stage B latent of int({h_c}*{ls}) = {self.decoder_side(h_c)}, "
+            f"but the decoder needs a multiple of {m}; embeddings {name}s that work nearby: "
+            f"{' or '.join(map(str, sorted(near)))} (the prior makes ceil(pixels/{self.resolution_multiple}))."
         )
 
 

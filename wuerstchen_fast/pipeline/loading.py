@@ -11,7 +11,7 @@ Accepted sources:
     `decoder_text_encoder=`, `decoder_tokenizer=` folders (diffusers/transformers layout).
 Any component argument may also be an already built object.
 
-With no arguments at all, `load_pipeline()` loads the bundled default model (issue 8: a small model
+With no arguments at all, `load_pipeline()` loads the bundled default model (a small model
 trained on the synthetic shapes data, `wuerstchen_fast/weights/default/`, see its MODEL_CARD.md) and
 the returned pipeline samples with that model's settings (`sampling.json`: 256x256, step counts,
 guidance) unless the call overrides them. `NoDefaultWeightsError` when that folder is absent.
@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
+from .base import config_value
 from .checks import check_dtype
-from .core import TextEncoder, WuerstchenPipeline
+from .core import WuerstchenPipeline
+from .text import TextEncoder
 
 __all__ = ["load_pipeline", "sample", "NoDefaultWeightsError", "default_weights_dir"]
 
@@ -69,17 +71,6 @@ def _bundle_sources(d: Path) -> dict[str, Any]:
                 prior_text_encoder=d / "text_encoder", prior_tokenizer=d / "tokenizer",
                 decoder_text_encoder=d / "text_encoder", decoder_tokenizer=d / "tokenizer",
                 sampling_defaults=_json(d / "sampling.json"))
-
-
-class _PipelineWithDefaults(WuerstchenPipeline):
-    """A WuerstchenPipeline whose call defaults (size, step counts, guidance) are those of its weights."""
-
-    call_defaults: dict = {}
-
-    def __call__(self, prompt, *args, **kwargs):
-        if not args:  # positional arguments after the prompt: the caller spells everything out
-            kwargs = {**self.call_defaults, **kwargs}
-        return super().__call__(prompt, *args, **kwargs)
 
 
 def _json(path: Path) -> dict:
@@ -264,30 +255,23 @@ def load_pipeline(
         decoder_s=d_sched["s"], decoder_scaler=d_sched["scaler"],
     )
     config.update(_model_constants(stage_c, stage_b, stage_a))
-    cls = _PipelineWithDefaults if call_defaults else WuerstchenPipeline
-    pipe = cls(stage_c, stage_b, stage_a, prior_text, decoder_text, device=device, dtype=dtype,
-               config=config, compile=compile, cuda_graphs=cuda_graphs)
-    if call_defaults:
-        pipe.call_defaults = dict(call_defaults)
+    pipe = WuerstchenPipeline(stage_c, stage_b, stage_a, prior_text, decoder_text, device=device, dtype=dtype,
+                              config=config, compile=compile, cuda_graphs=cuda_graphs)
+    if call_defaults:  # the bundled model's sampling settings replace the call's defaults
+        pipe.call_defaults = call_defaults
     return pipe
-
-
-def _cfg_get(model, name, default):
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
 
 
 def _model_constants(stage_c, stage_b, stage_a) -> dict:
     """Constants the pipeline needs from the models' configs (with the released values as defaults)."""
-    c_hidden = _cfg_get(stage_b, "c_hidden", [320, 640, 1280, 1280])
-    patch = _cfg_get(stage_b, "patch_size", 2)
+    c_hidden = config_value(stage_b, "c_hidden", [320, 640, 1280, 1280])
+    patch = config_value(stage_b, "patch_size", 2)
     return dict(
-        prior_c_in=int(_cfg_get(stage_c, "c_in", 16)),
+        prior_c_in=int(config_value(stage_c, "c_in", 16)),
+        decoder_c_in=int(config_value(stage_b, "c_in", 4)),
         decoder_multiple=int(patch * 2 ** (len(c_hidden) - 1)),
-        vq_scale_factor=float(_cfg_get(stage_a, "scale_factor", 0.3764)),
-        pixels_per_latent=int(_cfg_get(stage_a, "up_down_scale_factor", 2) ** _cfg_get(stage_a, "levels", 2)),
+        vq_scale_factor=float(config_value(stage_a, "scale_factor", 0.3764)),
+        pixels_per_latent=int(config_value(stage_a, "up_down_scale_factor", 2) ** config_value(stage_a, "levels", 2)),
     )
 
 
