@@ -5,7 +5,9 @@
 #   make test        the test suite (what CI runs)
 #   make bench-cpu   the CPU benchmark suite (not part of CI), results into bench/results/
 #   make bench-table regenerate bench/RESULTS.md from the committed result files
-#   make bench-gpu-dry-run  print what bench/gpu_runner.sh would do on a GPU machine
+#   make bench-gpu-dry-run  print the plan of bench/gpu_check.sh (the GPU check, one 10-minute device call)
+#   make bench-gpu-rehearse run that check on this CPU at tiny shapes -> out/gpu-rehearsal
+#   make image-build-check  build the extension against the GPU image's torch 2.11 / Triton 3.6 (not in CI)
 #   make train-default  train the bundled default model from scratch (CPU, ~70 min) into wuerstchen_fast/weights/default
 #   make eval-default   held-out accuracy table and sample grid of the default model
 #   make build       (re)build the compiled extension in place
@@ -17,11 +19,16 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 # Test dependencies (oracles and runners). Pinned: diffusers is the numerical oracle of the
 # parity tests, and its deprecated Würstchen code is what we match.
-TEST_DEPS := pytest==9.2.0 pytest-benchmark==5.3.1 diffusers==0.42.1 transformers==5.23.0 \
+TEST_DEPS := pytest==9.2.0 pytest-benchmark==5.3.1 pytest-timeout==2.4.0 diffusers==0.42.1 transformers==5.23.0 \
              build==1.6.1
+# The Triton of the GPU machines' image, beside the pinned one: the ahead-of-time compile test builds every
+# Triton kernel with both (tests/test_triton_build.py). Installed here, at set-up: tests never download.
+IMAGE_TRITON := 3.6.0
+IMAGE_TRITON_DIR := $(VENV)/alt/triton-$(IMAGE_TRITON)
 PROMPT ?= a red circle on a blue background
 
-.PHONY: demo test train-default eval-default bench-cpu bench-table bench-gpu-dry-run build wheel venv clean
+.PHONY: demo test train-default eval-default bench-cpu bench-table bench-gpu-dry-run bench-gpu-rehearse \
+        image-build-check build wheel venv clean
 
 # The stamp is rebuilt when the build inputs change, which rebuilds the extension.
 $(VENV)/.installed: setup.py pyproject.toml CMakeLists.txt csrc/sources.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp kernels/cuda/*.cu kernels/cuda/*.cuh)
@@ -33,13 +40,18 @@ $(VENV)/.installed: setup.py pyproject.toml CMakeLists.txt csrc/sources.txt $(wi
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	@touch $@
 
-venv: $(VENV)/.installed
+$(IMAGE_TRITON_DIR)/.complete: $(VENV)/.installed
+	rm -rf $(IMAGE_TRITON_DIR)
+	$(BIN)/python -m pip install -q --no-deps --target $(IMAGE_TRITON_DIR) triton==$(IMAGE_TRITON)
+	@touch $@
+
+venv: $(VENV)/.installed $(IMAGE_TRITON_DIR)/.complete
 
 demo: $(VENV)/.installed
 	@mkdir -p out
 	$(BIN)/python -m wuerstchen_fast.demo --out out/demo.png "$(PROMPT)"
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(IMAGE_TRITON_DIR)/.complete
 	$(BIN)/python -m pytest -q
 
 train-default: $(VENV)/.installed
@@ -54,8 +66,14 @@ bench-cpu: $(VENV)/.installed
 bench-table: $(VENV)/.installed
 	$(BIN)/python bench/make_table.py
 
-bench-gpu-dry-run: $(VENV)/.installed
-	bash bench/gpu_runner.sh --dry-run --python $(BIN)/python --out out/gpu
+bench-gpu-dry-run:
+	bash bench/gpu_check.sh --dry-run --out out/gpu
+
+bench-gpu-rehearse: $(VENV)/.installed
+	bash bench/gpu_check.sh --rehearse --python $(BIN)/python --out out/gpu-rehearsal --wheels wheels
+
+image-build-check: $(VENV)/.installed $(IMAGE_TRITON_DIR)/.complete
+	bash bench/image_build_check.sh --python $(BIN)/python --triton $(IMAGE_TRITON)
 
 build: $(VENV)/.installed
 	$(BIN)/python setup.py -q build_ext --inplace

@@ -9,7 +9,8 @@
 
 At size "released" (a GPU, bf16) the models have the v2 sizes; at "small" (a CPU, fp32) they keep
 the released layouts at narrow widths and smaller images, so the suite runs in minutes and never
-rots. Weights are random (wuerstchen_fast.testing.random_models), the same for diffusers and ours.
+rots; "tiny" (the parity tests' models on small latents) is for rehearsing the GPU check on a CPU
+in seconds, not for timing. Weights are random (wuerstchen_fast.testing.random_models), the same for diffusers and ours.
 
 Providers (the baseline is diffusers' eager model, what issue 10's targets are stated against):
     diffusers          diffusers' WuerstchenPrior / WuerstchenDiffNeXt / PaellaVQModel, eager
@@ -30,17 +31,18 @@ import pytest
 import torch
 
 import wuerstchen_fast
-from bench.common import DEVICE, SIZE, skip_unless_backend_available
+from bench.common import DEVICE, SIZE, count_flops, skip_unless_backend_available
 from wuerstchen_fast.diffusion import DenoiseLoop
 from wuerstchen_fast.testing.random_models import (SIZES, make_diffusers_decoder, make_diffusers_prior,
                                                    make_diffusers_vqgan, ours_from_diffusers, scale_output_heads_)
 
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-CFG = SIZES["v2" if SIZE == "released" else "small"]
+CFG = SIZES[{"released": "v2"}.get(SIZE, SIZE)]
 # Latent sizes: released = 1024x1024 images; small = 512x512-equivalent decoder latents on CPU.
 GEOMETRY = {
     "released": dict(c_hw=(24, 24), b_hw=(256, 256), a_hw=(256, 256)),
     "small": dict(c_hw=(24, 24), b_hw=(128, 128), a_hw=(64, 64)),
+    "tiny": dict(c_hw=(8, 8), b_hw=(32, 32), a_hw=(16, 16)),
 }[SIZE]
 
 # Issue 6's CPU target: a whole Stage B forward at the decoder's level-0/1 sizes. The released decoder's first
@@ -104,14 +106,6 @@ def _inputs(stage: str, n_sets: int = 2):
     return sets
 
 
-def _count_flops(fn, args) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return float(counter.get_total_flops())
-
-
 def _step_fn(model, guidance: float, *, compile=False, graphs=False):
     return DenoiseLoop(model, guidance, compile=compile, cuda_graphs=graphs)._step
 
@@ -162,7 +156,7 @@ def _run(benchmark, measure, stage: str, provider: str, label: str, min_rounds: 
             return fn(*args)
 
     if stage not in _FLOPS:
-        _FLOPS[stage] = _count_flops(_callable(stage, "diffusers")[0], sets[0])
+        _FLOPS[stage] = count_flops(_callable(stage, "diffusers")[0], *sets[0])
     flops = _FLOPS[stage]
     with torch.no_grad():
         out = measure(benchmark, call, sets, group=f"{stage} {label} {SIZE} {str(DTYPE)[6:]}", provider=provider,

@@ -47,7 +47,8 @@ def _device() -> str:
 
 DEVICE = _device()
 SIZE = os.environ.get("WF_BENCH_SIZE") or ("released" if DEVICE == "cuda" else "small")
-"""'released' (the v2 sizes, for a GPU) or 'small' (configs a 2-core CPU runs in minutes)."""
+"""'released' (the v2 sizes, for a GPU), 'small' (configs a 2-core CPU runs in minutes) or 'tiny' (the
+parity tests' models: rehearsing bench/gpu_check.sh on a CPU, not for timing)."""
 
 
 def sync() -> None:
@@ -147,6 +148,15 @@ def ceilings() -> dict:
     _CEILINGS.update(copy_gbps=2 * n * 4 / t_copy / 1e9, matmul_tflops=2 * m ** 3 / t_mm / 1e12,
                      matmul=f"{str(dtype).replace('torch.', '')} {m}^3", copy=f"{n * 4 >> 20} MiB fp32")
     return _CEILINGS
+
+
+def count_flops(fn: Callable, *args) -> float:
+    """FLOPs of one call of fn(*args) by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return float(counter.get_total_flops())
 
 
 # --------------------------------------------------------------------------------------- peak memory

@@ -5,7 +5,10 @@
 One section per device (the device with the newest run first), its runs newest first, each with
 the command that produced it, the versions, the measured ceilings and one row per benchmark:
 median and min time, achieved rate and its fraction of the ceiling, peak memory, and the speedup
-against the group's baseline from the same run. Nothing here measures: it only formats the JSON.
+against the group's baseline from the same run. A GPU run first shows its headline (bench/gpu_check.sh):
+the stage steps and sample() against diffusers eager with the targets they are judged by, the
+memory-bound fused ops against the copy ceiling, and the check's stages and test counts.
+Nothing here measures: it only formats the JSON.
 """
 from __future__ import annotations
 
@@ -70,6 +73,90 @@ def _speedup(ei: dict) -> str:
     return "baseline" if ei.get("baseline") else f"{s:.2f}x"
 
 
+# The headline of a GPU run: (label, benchmark-name prefix, target speed-up over diffusers eager or None).
+HEADLINE = [
+    ("Stage C step (v2, batch 2 for CFG)", "test_stage_c_step[", 2.0),
+    ("Stage B step (256x256 latent)", "test_stage_b_step[", None),
+    ("Stage A decode (1024x1024 image)", "test_stage_a_decode[", None),
+    ("sample() 1024x1024, 60+12 steps", "test_e2e_sample[60+12-", 3.0),
+    ("sample() 1024x1024, 29+12 steps", "test_e2e_sample[29+12-", None),
+]
+OURS = ("auto", "auto-cudagraphs")
+FLOOR_TARGET = ("sample() 60+12 steps", "test_e2e_sample[60+12-", 1.6)  # at most 1.6x the FLOP floor (FLOPs / the run's matmul ceiling)
+MEMORY_BOUND = ("ddpm_step", "dwconv_ln", "grn")  # fused ops judged against the copy ceiling...
+COPY_TARGET = 0.8  # ...at 80% of it or more
+
+
+def _by_provider(benchmarks: list, prefix: str) -> dict:
+    return {b.get("extra_info", {}).get("provider"): b for b in benchmarks if b["name"].startswith(prefix)}
+
+
+def _reached(ok: bool) -> str:
+    return "reached" if ok else "**missed**"
+
+
+def render_gpu_headline(run: dict) -> list[str]:
+    benchmarks = run["data"].get("benchmarks", [])
+    lines = ["#### Headline (same weights, same run; diffusers eager is the baseline)", "",
+             "| measure | diffusers eager | ours auto | ours auto + CUDA graphs | best speed-up | peak mem diffusers / ours"
+             " | target |", "|---|---|---|---|---|---|---|"]
+    for label, prefix, target in HEADLINE:
+        rows = _by_provider(benchmarks, prefix)
+        if not rows:
+            continue
+        med = {p: rows[p]["stats"]["median"] if p in rows else None for p in ("diffusers",) + OURS}
+        ours = [med[p] for p in OURS if med[p]]
+        speedup = med["diffusers"] / min(ours) if med["diffusers"] and ours else None
+        best = min((p for p in OURS if med[p]), key=lambda p: med[p], default=None)
+        mem = (f"{_fmt_bytes(rows['diffusers']['extra_info'].get('peak_mem_bytes')) if 'diffusers' in rows else '-'} / "
+               f"{_fmt_bytes(rows[best]['extra_info'].get('peak_mem_bytes')) if best else '-'}")
+        goal = "-" if target is None else (f">= {target:g}x: " + (_reached(speedup >= target) if speedup else "not measured"))
+        lines.append(f"| {label} | {_fmt_time(med['diffusers'])} | {_fmt_time(med['auto'])} | "
+                     f"{_fmt_time(med['auto-cudagraphs'])} | {f'{speedup:.2f}x' if speedup else '-'} | {mem} | {goal} |")
+    label, prefix, factor = FLOOR_TARGET
+    rows = _by_provider(benchmarks, prefix)
+    ours = [rows[p] for p in OURS if p in rows]
+    matmul = (run["wf"].get("ceilings") or {}).get("matmul_tflops")
+    if ours and matmul and ours[0].get("extra_info", {}).get("flops"):
+        best = min(ours, key=lambda b: b["stats"]["median"])
+        floor = best["extra_info"]["flops"] / (matmul * 1e12)
+        ratio = best["stats"]["median"] / floor
+        lines += ["", f"{label}: FLOP floor "
+                      f"{_fmt_time(floor)} ({best['extra_info']['flops'] / 1e12:.1f} TFLOP at the measured "
+                      f"{matmul:.0f} TFLOP/s); ours ({best['extra_info'].get('provider')}) {_fmt_time(best['stats']['median'])}"
+                      f" = {ratio:.2f}x the floor; target <= {factor:g}x: {_reached(ratio <= factor)}"]
+    mem_rows = []
+    for b in benchmarks:
+        ei = b.get("extra_info", {})
+        group = b.get("group") or ""
+        if group.split(" ")[0] in MEMORY_BOUND and ei.get("frac_copy_bw") is not None and not ei.get("baseline"):
+            mem_rows.append((group, ei))
+    best_per_group: dict = {}
+    for group, ei in mem_rows:
+        if group not in best_per_group or ei["frac_copy_bw"] > best_per_group[group]["frac_copy_bw"]:
+            best_per_group[group] = ei
+    if best_per_group:
+        lines += ["", f"| memory-bound op | best backend | rate | of copy ceiling | target >= {COPY_TARGET:.0%} |",
+                  "|---|---|---|---|---|"]
+        for group in sorted(best_per_group):
+            ei = best_per_group[group]
+            lines.append(f"| {group} | {ei.get('provider')} | {ei['gbps']:.0f} GB/s | {100 * ei['frac_copy_bw']:.1f}% | "
+                         f"{_reached(ei['frac_copy_bw'] >= COPY_TARGET)} |")
+    check = run["wf"].get("gpu_check")
+    if check:
+        lines += ["", "| GPU check stage | status | seconds | budget |", "|---|---|---|---|"]
+        for name, rec in (check.get("stages") or {}).items():
+            lines.append(f"| {name} | {rec.get('status')} | {rec.get('seconds')} | {rec.get('budget')} |")
+        t = check.get("tests")
+        if t:
+            lines += ["", f"CUDA tests: {t.get('passed')} passed, {t.get('failed')} failed, {t.get('skipped')} skipped, "
+                          f"{t.get('not_run')} not run of {t.get('collected')}"
+                          + (f" ({t['stopped']})" if t.get("stopped") else "") + "."]
+            for f in (t.get("failures") or [])[:20]:
+                lines.append(f"- failed: `{f.get('nodeid')}`")
+    return lines + [""]
+
+
 def load_runs(results: Path) -> list[dict]:
     runs = []
     for path in sorted(results.glob("*.json")):
@@ -104,6 +191,8 @@ def render_run(run: dict) -> list[str]:
         lines.append(f"Load average (1, 5, 15 min) at the end of the run: {wf['loadavg']}  ")
     if run["device_type"] != "cuda":
         lines.append("CPU timings: not GPU results.  ")
+    else:
+        lines += [""] + render_gpu_headline(run) + ["#### Every row"]
     lines += ["", "| benchmark | provider | median | min | rate | of ceiling | peak mem | vs baseline |",
               "|---|---|---|---|---|---|---|---|"]
     by_group = defaultdict(list)

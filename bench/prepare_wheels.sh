@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Download, here (where pip reaches a registry), the wheels of the pure-Python packages that the GPU
-# machines lack, into the git-ignored wheels/ folder that bench/gpu_runner.sh installs from there.
-# The GPU image already has torch, triton, transformers, tokenizers, huggingface_hub, safetensors,
-# pytest, pytest-benchmark, regex, tqdm, timm, torchvision, pillow (see bench/README.md); missing:
-#   diffusers (+ importlib_metadata), open_clip_torch (tokenizer vocabulary and text configs),
-#   ftfy (+ wcwidth), needed by open_clip's tokenizer.
+# Download, here (where pip reaches a registry), the wheels of the packages that the GPU machines lack,
+# into the git-ignored wheels/ folder that bench/gpu_check.sh installs from there (--no-deps --target).
+# Exactly what the GPU image lacks, from each wheel's Requires-Dist against the image's package list
+# (torch 2.11, torchvision, Triton 3.6, transformers 5.17, huggingface_hub 1.33, safetensors 0.8, timm,
+# regex, requests, filelock, numpy, pillow, tqdm, tokenizers, pytest, pytest-benchmark, pytest-timeout):
+#   diffusers        needs huggingface-hub>=1.32, safetensors>=0.8, filelock, numpy, regex, requests,
+#                    Pillow: all there; its importlib_metadata only on Python < 3.8 (the image has 3.12)
+#   open_clip_torch  the tokenizer's BPE vocabulary; needs torch, torchvision, regex, tqdm,
+#                    huggingface-hub, safetensors, timm (there; timm is imported optionally) and ftfy
+#   ftfy             needs wcwidth
+#   wcwidth          needs nothing
 # The working tree travels to the GPU machine in at most 64 MiB, wheels included: keep this set minimal.
 #   bench/prepare_wheels.sh [--dest wheels] [--python-version 3.12] [--dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=wheels PYVER=3.12 DRY=0
-WHEELS=(diffusers==0.42.1 importlib_metadata==10.2.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4)
+WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4)
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,5 +32,6 @@ cmd=(python3 -m pip download --no-deps --only-binary=:all: --python-version "$PY
 echo "+ ${cmd[*]}"
 [ "$DRY" = 1 ] && exit 0
 mkdir -p "$DEST"
+rm -f "$DEST"/*.whl  # one version of each: two would stop the whole install there
 "${cmd[@]}"
 echo "prepare_wheels: $(ls "$DEST"/*.whl | wc -l) wheels, $(du -sh "$DEST" | cut -f1) in $DEST"

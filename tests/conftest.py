@@ -30,7 +30,7 @@ def pytest_report_header(config):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` need a GPU: on a machine without one they are deselected (and counted in
-    the summary), not skipped one by one; bench/gpu_runner.sh runs them on a GPU."""
+    the summary), not skipped one by one; bench/gpu_check.sh runs them on a GPU."""
     if DEVICE == "cuda":
         return
     gpu = [item for item in items if item.get_closest_marker("cuda")]
