@@ -166,6 +166,9 @@ bench_ids() {  # the headline rows, most important first
   if [ "$e2" != "$E2E_STEPS" ]; then
     echo "bench/bench_e2e.py::test_e2e_sample[$e2-diffusers] bench/bench_e2e.py::test_e2e_sample[$e2-auto]"
   fi
+  # Stable Cascade at its released sizes (3.6B prior, 1.5B decoder): the forwards vs diffusers' StableCascadeUNet.
+  echo "bench/bench_stable_cascade.py::test_forward[prior-diffusers] bench/bench_stable_cascade.py::test_forward[prior-auto]"
+  echo "bench/bench_stable_cascade.py::test_forward[decoder-diffusers] bench/bench_stable_cascade.py::test_forward[decoder-auto]"
 }
 
 stage_bench() {

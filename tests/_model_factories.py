@@ -11,6 +11,7 @@ them.
     make_clip_text_model(**cfg)    -> transformers CLIPTextModel, eval mode
     make_clip_tokenizer(folder)    -> transformers CLIPTokenizer built offline from open_clip's BPE vocab
     make_torchvision_effnet_encoder() -> (features, mapper) with random weights
+    make_open_clip_model(**cfg)    -> open_clip CLIP (text + vision towers), every parameter ~ N(0, 0.1)
     randomize_(module, seed)       -> the module, every tensor redrawn
     relative_error(a, b)           -> max|a - b| / max|b|
 """
@@ -53,3 +54,15 @@ def make_torchvision_effnet_encoder(seed: int = 0, c_latent: int = 16):
     mapper = randomize_(nn.Sequential(nn.Conv2d(1280, c_latent, kernel_size=1, bias=False),
                                       nn.BatchNorm2d(c_latent)), seed + 1).eval()
     return features, mapper
+
+
+def make_open_clip_model(seed: int = 0, **cfg):
+    """An open_clip CLIP model (`open_clip.model.CLIP(**cfg)`), every parameter ~ N(0, 0.1), eval mode."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model

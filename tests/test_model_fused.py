@@ -27,6 +27,7 @@ import torch
 import torch._dynamo
 
 import wuerstchen_fast
+from _fused_check import assert_model_grad, run_model
 from conftest import DEVICE
 from wuerstchen_fast.models.blocks import ResBlock, ResBlockStageB, TimestepBlock
 from wuerstchen_fast.models.configs import StageAConfig, StageBConfig, StageCConfig
@@ -81,16 +82,8 @@ _BUILD = {"stage_c": _stage_c, "stage_b": _stage_b, "stage_a": _stage_a}
 
 def _run(model, stage, args, backend, dtype):
     """(output, {name: grad}) of a fixed random projection of the output, on `backend` in `dtype`."""
-    m = model.to(dtype)
-    args = [a.to(dtype).requires_grad_(True) if i == 0 else a.to(dtype) for i, a in enumerate(args)]
-    m.zero_grad(set_to_none=True)
-    with wuerstchen_fast.backend(backend):
-        out = m.decode(*args) if stage == "stage_a" else m(*args)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.device, dtype)
-    (out * w).sum().backward()
-    grads = {"input": args[0].grad}
-    grads.update({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-    return out.detach(), grads
+    call = (lambda m, *a: m.decode(*a)) if stage == "stage_a" else (lambda m, *a: m(*a))
+    return run_model(model, call, args, backend, dtype)
 
 
 @pytest.mark.parametrize("stage", ["stage_c", "stage_b", "stage_a"])
@@ -103,26 +96,7 @@ def test_whole_model_triton_equals_torch(stage):
     assert set(g) == set(eager_g) == set(exact_g), sorted(set(g) ^ set(eager_g))
     assert len(g) > 10, sorted(g)  # every parameter took part
     for name in g:
-        _assert_model_grad(g[name], eager_g[name], exact_g[name], f"{stage} grad {name}")
-
-
-# At model level a gradient is the end of a chain of every op of the network: a kernel that sums in
-# another (equally valid) order moves it by a few ulps of its own magnitude, and eager's error on one
-# tensor can be luckily small (seen: 1.4e-6 on a Stage A gamma gradient of magnitude 13 with one
-# thread, 1.1e-5 on its neighbour). So the per-kernel rule (2x eager's error) gets an allowance of
-# MODEL_ULPS units in the last place of the tensor's largest value.
-MODEL_ULPS = 8
-
-
-def _assert_model_grad(ours, eager, exact, what):
-    from wuerstchen_fast.testing.tolerance import FACTOR, max_error
-
-    scale = exact.detach().abs().max().item() if exact.numel() else 0.0
-    ulp = torch.finfo(ours.dtype).eps * max(scale, 1.0)
-    err, theirs = max_error(ours, exact), max_error(eager, exact)
-    bound = FACTOR * theirs + MODEL_ULPS * ulp
-    assert err <= bound, (f"{what}: max error {err:.3e} vs float64 exceeds {bound:.3e} (= {FACTOR} x eager's "
-                          f"{theirs:.3e} + {MODEL_ULPS} ulp of max |value| {scale:.3g})")
+        assert_model_grad(g[name], eager_g[name], exact_g[name], f"{stage} grad {name}")
 
 
 def _graph_ops(fn, *args):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _model_factories import PARITY_RTOL, make_clip_text_model, make_clip_tokenizer, relative_error
+from _model_factories import (PARITY_RTOL, make_clip_text_model, make_clip_tokenizer, make_open_clip_model,
+                              relative_error)
 from wuerstchen_fast.models import (CheckpointError, CLIPTextEncoder, TextEncoderConfig, load_text_encoder,
                                     load_tokenizer, save_stage)
 
@@ -77,15 +78,9 @@ def test_offline_open_clip_tokenizer_matches_transformers_tokenizer(hf_tokenizer
 def test_open_clip_checkpoint_loads_and_matches_open_clip_text_tower(tmp_path):
     """An open_clip CLIP checkpoint (full model: visual tower, logit_scale, text_projection) loads; our
     hidden states without padding equal open_clip's own text transformer."""
-    import open_clip
-
-    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16, head_width=32),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2))
-    torch.manual_seed(0)
-    clip = open_clip.model.CLIP(**cfg).eval()
-    with torch.no_grad():
-        for p in clip.parameters():
-            p.normal_(0, 0.1)
+    clip = make_open_clip_model(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16,
+                                                              head_width=32),
+                                text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2))
     torch.save(clip.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     ours = load_text_encoder(tmp_path / "open_clip_pytorch_model.bin")
     assert ours.config.heads == 2 and ours.config.layers == 2 and ours.config.act == "gelu"

@@ -28,7 +28,11 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                                    "text_encoder/, tokenizer/, scheduler/)")
     w.add_argument("--decoder", help="warp-ai/wuerstchen, or a folder in its layout (decoder/, vqgan/, text_encoder/, "
                                      "tokenizer/, scheduler/)")
-    w.add_argument("--variant", default=None, help="weight file variant to read where present, e.g. fp16 or bf16")
+    w.add_argument("--variant", default=None,
+                   help="weight file variant to read where present, e.g. fp16 or bf16; for Stable Cascade also 'lite' "
+                        "(its prior_lite/ and decoder_lite/ models) or 'lite_bf16'. --prior / --decoder also take "
+                        "stabilityai/stable-cascade-prior and stabilityai/stable-cascade (Würstchen v3: 1024x1024, "
+                        "20 + 10 steps by default)")
     w.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the repo ids; "
                                                     "HF_HUB_OFFLINE=1 uses the Hugging Face cache only")
     w.add_argument("--weights", help="one folder with both stages: a saved WuerstchenCombinedPipeline, or a folder "

@@ -137,26 +137,44 @@ class ResBlockStageB(nn.Module):
 
 
 class TimestepBlock(nn.Module):
-    """Modulation by the r embedding: a, b = mapper(r).chunk(2); out = x * (1 + a) + b."""
+    """Modulation by the r embedding: a, b = mapper(r).chunk(2); out = x * (1 + a) + b.
 
-    def __init__(self, c: int, c_r: int = 64):
+    `conds` (Stable Cascade: ("sca", "crp") in Stage C, ("sca",) in Stage B) adds one `mapper_<cond>`
+    per extra condition: the r embedding is then [emb(r), emb(cond_1), ...] (c_r wide each) and every
+    mapper's (a, b) is summed, in that order, before the modulation.
+    """
+
+    def __init__(self, c: int, c_r: int = 64, conds: tuple | list = ()):
         super().__init__()
         self.mapper = nn.Linear(c_r, c * 2)
+        self.conds = tuple(conds)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", nn.Linear(c_r, c * 2))
 
     @staticmethod
     def _modulate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return ops.modulate(x, a, b)
 
+    def ab(self, r_embed: torch.Tensor) -> tuple:
+        """The (B, C) modulation pair (a, b) of this block for an r embedding."""
+        if not self.conds:
+            return self.mapper(r_embed).chunk(2, dim=1)
+        parts = r_embed.chunk(len(self.conds) + 1, dim=1)
+        a, b = self.mapper(parts[0]).chunk(2, dim=1)
+        for name, part in zip(self.conds, parts[1:]):
+            ac, bc = getattr(self, f"mapper_{name}")(part).chunk(2, dim=1)
+            a, b = a + ac, b + bc
+        return a, b
+
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
-        a, b = self.mapper(r_embed).chunk(2, dim=1)
-        return self._modulate(x, a, b)
+        return self._modulate(x, *self.ab(r_embed))
 
 
 def resblock_then_timestep(block: ResBlock | ResBlockStageB, timestep: TimestepBlock, x: torch.Tensor,
                            x_skip: torch.Tensor | None, r_embed: torch.Tensor, fold: bool = True) -> torch.Tensor:
     """A ResBlock (either stage) and the TimestepBlock after it: the modulation folds into the block op's
     output epilogue when `fold` and a fused backend runs it (`block.folds`); else the two run apart."""
-    a, b = timestep.mapper(r_embed).chunk(2, dim=1)
+    a, b = timestep.ab(r_embed)
     if fold and block.folds(x, x_skip, (a, b)):
         return block(x, x_skip, mod=(a, b))
     return timestep._modulate(block(x, x_skip), a, b)

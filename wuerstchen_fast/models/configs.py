@@ -139,10 +139,12 @@ class StageAConfig(_ConfigMixin):
 
 @dataclass
 class EffNetConfig(_ConfigMixin):
-    """Semantic compressor: EfficientNetV2-S features then a 1x1 conv + BatchNorm to c_latent channels."""
+    """Semantic compressor: EfficientNetV2-S features then a 1x1 conv + BatchNorm to c_latent channels
+    (`affine=False`: Stable Cascade's `effnet_encoder.safetensors`, whose BatchNorm has no weight and bias)."""
 
     c_latent: int = 16
     backbone: str = "efficientnet_v2_s"
+    affine: bool = True
 
     @classmethod
     def v2(cls) -> "EffNetConfig":

@@ -1,7 +1,8 @@
 """The semantic compressor (spec §5): EfficientNetV2-S features + 1x1 conv + BatchNorm to 16 channels.
 
 Keys follow the original `EfficientNetEncoder`: `backbone.*` (torchvision `efficientnet_v2_s().features`
-layout) and `mapper.0.weight`, `mapper.1.*`, so the released `effnet_state_dict` loads unchanged.
+layout) and `mapper.0.weight`, `mapper.1.*`, so the released `effnet_state_dict` loads unchanged, and so does
+Stable Cascade's `effnet_encoder.safetensors` (its BatchNorm without affine parameters: `affine=False`).
 The backbone is built without downloading weights. Input: ImageNet-normalized images (see `preprocess`).
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ class EfficientNetEncoder(nn.Module):
         if cfg.backbone != "efficientnet_v2_s":
             raise ValueError(f"EfficientNetEncoder: only the efficientnet_v2_s backbone is supported, got {cfg.backbone!r}")
         self.backbone = efficientnet_v2_s(weights=None).features
-        self.mapper = nn.Sequential(nn.Conv2d(1280, cfg.c_latent, kernel_size=1, bias=False), nn.BatchNorm2d(cfg.c_latent))
+        self.mapper = nn.Sequential(nn.Conv2d(1280, cfg.c_latent, kernel_size=1, bias=False),
+                                    nn.BatchNorm2d(cfg.c_latent, affine=cfg.affine))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalized images -> (B, c_latent, H/32, W/32)."""

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .assemble import build_with_state, save_own_format
 from .checkpoint_io import (FORMAT_TAG, OWN_CONFIG_NAME, OWN_WEIGHTS_NAME, CheckpointError, read_state_dict_file,
-                            read_tensor_file, save_safetensors)
+                            read_tensor_file)
 from .configs import EffNetConfig, StageAConfig, StageBConfig, StageCConfig
 from .effnet import EfficientNetEncoder
 from .stage_a import StageA
@@ -174,7 +175,8 @@ def infer_config(stage: str, sd: dict, **overrides):
                    levels=levels, bottleneck_blocks=len(_indices(sd, r"up_blocks\.(\d+)\.gammas$")) - (levels - 1),
                    embed_dim=lat.shape[1], latent_channels=lat.shape[0], num_vq_embeddings=cb.shape[0])
     elif stage == "effnet":
-        cfg = dict(c_latent=_need(sd, "mapper.0.weight", "EfficientNet encoder").shape[0])
+        cfg = dict(c_latent=_need(sd, "mapper.0.weight", "EfficientNet encoder").shape[0],
+                   affine="mapper.1.weight" in sd)
     else:
         raise ValueError(f"unknown stage {stage!r}")
     cfg.update(overrides)
@@ -201,6 +203,7 @@ def _read_source(stage: str, path):
             cls_name = conf.get("_class_name")
             if diffusers_name and cls_name and cls_name != diffusers_name:
                 other = next((s for s, v in _STAGES.items() if v[2] == cls_name), None)
+                other = "stable_cascade" if cls_name == "StableCascadeUNet" else other
                 hint = f"; use load_{other}() for it" if other else ""
                 raise CheckpointError(f"{str(path)!r} holds a diffusers {cls_name}, not a {diffusers_name}{hint}")
             weights = _diffusers_weights(path)
@@ -271,6 +274,12 @@ def load_model_state(model: nn.Module, sd: dict, *, source: str = "checkpoint", 
 def _load(stage: str, path, *, device=None, dtype=None, config=None, **overrides):
     model_cls, cfg_cls = _STAGES[stage][:2]
     sd, cfg_dict, source = _read_source(stage, path)
+    if stage in ("stage_c", "stage_b"):  # Stable Cascade shares key names with v2 (clip_mapper, down_blocks)
+        from .stable_cascade_loading import stable_cascade_hint
+
+        hint = stable_cascade_hint(sd, source, stage)
+        if hint:
+            raise CheckpointError(hint)
     if config is not None:
         cfg = config if isinstance(config, cfg_cls) else cfg_cls.from_dict(dict(config))
         if overrides:
@@ -280,13 +289,7 @@ def _load(stage: str, path, *, device=None, dtype=None, config=None, **overrides
     else:
         cfg = infer_config(stage, sd, **overrides)
     # Build on the meta device and adopt the checkpoint's tensors: no second copy of a 1B-param model.
-    with torch.device("meta"):
-        model = model_cls(cfg)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
-    load_model_state(model, sd, source=source, assign=True)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return build_with_state(model_cls, cfg, sd, source=source, device=device, dtype=dtype)
 
 
 def load_stage_c(path, *, device=None, dtype=None, config=None, **overrides) -> StageC:
@@ -310,17 +313,16 @@ def load_effnet(path, *, device=None, dtype=None, config=None, **overrides) -> E
 
 
 def save_stage(model: nn.Module, folder) -> Path:
-    """Save a stage (or a CLIPTextEncoder) in our format: `folder/wuerstchen_fast.json` + `folder/model.safetensors`."""
+    """Save a stage (or a CLIPTextEncoder, a StableCascadeUNet) in our format: `folder/wuerstchen_fast.json` + `folder/model.safetensors`."""
+    from .stable_cascade import StableCascadeUNet
+    from .stable_cascade_loading import save_stable_cascade
     from .text import CLIPTextEncoder, save_text_encoder
 
     if isinstance(model, CLIPTextEncoder):
         return save_text_encoder(model, folder)
+    if isinstance(model, StableCascadeUNet):
+        return save_stable_cascade(model, folder)
     stage = next((s for s, v in _STAGES.items() if isinstance(model, v[0])), None)
     if stage is None:
         raise TypeError(f"save_stage: {type(model).__name__} is not a StageA/StageB/StageC/EfficientNetEncoder")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT_TAG, "version": 1, "stage": stage, "config": model.config.to_dict()}
-    (folder / OWN_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    save_safetensors(model.state_dict(), folder / OWN_WEIGHTS_NAME, metadata={FORMAT_TAG: json.dumps(meta)})
-    return folder
+    return save_own_format(model, folder, stage)

@@ -1,12 +1,17 @@
-"""CLIP text encoders (ViT-H-14 for v1 Stage C and Stage B, ViT-bigG-14 for v2 Stage C) and tokenizers.
+"""CLIP text encoders (ViT-H-14 for v1 Stage C and Stage B, ViT-bigG-14 for v2 Stage C and for both
+Stable Cascade stages) and tokenizers.
 
 `CLIPTextEncoder.forward(input_ids, attention_mask) -> last_hidden_state` equals transformers'
 `CLIPTextModel(input_ids, attention_mask).last_hidden_state`: pre-LN transformer with a causal mask
-plus a key padding mask, final LayerNorm applied, unpooled. Parameter names are open_clip's text
-tower (`token_embedding`, `positional_embedding`, `transformer.resblocks.N.{ln_1, attn.in_proj_*,
-attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`), so open_clip checkpoints load directly;
-transformers `CLIPTextModel` folders are converted on load. Configs come from open_clip's model
-configs (`TextEncoderConfig.from_open_clip("ViT-bigG-14")`).
+plus a key padding mask, final LayerNorm applied, unpooled. `encode(...)` returns what Stable Cascade
+reads as well: the last layer's output *before* the final LayerNorm (transformers' `hidden_states[-1]`),
+the pooled end-of-text row and, with `projection_dim`, its `text_projection` (transformers'
+`CLIPTextModelWithProjection.text_embeds`). Parameter names are open_clip's text tower
+(`token_embedding`, `positional_embedding`, `transformer.resblocks.N.{ln_1, attn.in_proj_*,
+attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection` as a (width, projection_dim)
+matrix), so open_clip checkpoints load directly; transformers `CLIPTextModel`,
+`CLIPTextModelWithProjection` and `CLIPModel` folders are converted on load. Configs come from open_clip's
+model configs (`TextEncoderConfig.from_open_clip("ViT-bigG-14")`).
 
 Tokenizer: `CLIPTokenizer` pads to 77 with id 0 and returns (input_ids, attention_mask). It uses
 open_clip's shipped BPE vocabulary (offline) or a transformers tokenizer folder.
@@ -18,17 +23,22 @@ import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .assemble import build_with_state, save_own_format
 from .checkpoint_io import (FORMAT_TAG, OWN_CONFIG_NAME, OWN_WEIGHTS_NAME, CheckpointError, read_state_dict_file,
-                            read_tensor_file, save_safetensors)
+                            read_tensor_file)
+from .clip_transformer import CLIPTransformer, check_activation, encoder_layers_from_transformers
 from .configs import _ConfigMixin
+from .weight_files import read_weights
 
-__all__ = ["TextEncoderConfig", "CLIPTextEncoder", "CLIPTokenizer", "load_text_encoder", "load_tokenizer",
-           "save_text_encoder", "write_clip_vocab_files", "build_transformers_clip_tokenizer", "from_transformers_layout"]
+__all__ = ["TextEncoderConfig", "CLIPTextEncoder", "CLIPTextOutput", "CLIPTokenizer", "load_text_encoder",
+           "load_tokenizer", "save_text_encoder", "write_clip_vocab_files", "build_transformers_clip_tokenizer",
+           "from_transformers_layout"]
 
 
 @dataclass
@@ -41,10 +51,14 @@ class TextEncoderConfig(_ConfigMixin):
     mlp_width: int = 4096
     act: str = "gelu"  # "gelu" (laion ViT-H/bigG) or "quick_gelu" (OpenAI CLIP)
     ln_eps: float = 1e-5
+    projection_dim: int | None = None  # width of text_projection (None: no projection)
+    eos_token_id: int = 49407  # the pooled row is the first end-of-text token (2: transformers' legacy argmax)
 
     @classmethod
-    def from_open_clip(cls, name: str, quick_gelu: bool | None = None) -> "TextEncoderConfig":
-        """Text tower config of an open_clip model config (e.g. 'ViT-H-14', 'ViT-bigG-14', 'ViT-B-32')."""
+    def from_open_clip(cls, name: str, quick_gelu: bool | None = None,
+                       projection: bool = False) -> "TextEncoderConfig":
+        """Text tower config of an open_clip model config (e.g. 'ViT-H-14', 'ViT-bigG-14', 'ViT-B-32');
+        `projection=True` adds the model's text projection (to its `embed_dim`)."""
         import open_clip
 
         full = open_clip.get_model_config(name)
@@ -55,7 +69,7 @@ class TextEncoderConfig(_ConfigMixin):
         qg = full.get("quick_gelu", False) if quick_gelu is None else quick_gelu
         return cls(vocab_size=t.get("vocab_size", 49408), context_length=t.get("context_length", 77), width=width,
                    heads=t.get("heads", 8), layers=t.get("layers", 12), mlp_width=int(width * t.get("mlp_ratio", 4.0)),
-                   act="quick_gelu" if qg else "gelu")
+                   act="quick_gelu" if qg else "gelu", projection_dim=full["embed_dim"] if projection else None)
 
     @classmethod
     def vit_h_14(cls) -> "TextEncoderConfig":
@@ -63,65 +77,21 @@ class TextEncoderConfig(_ConfigMixin):
         return cls.from_open_clip("ViT-H-14")
 
     @classmethod
-    def vit_bigg_14(cls) -> "TextEncoderConfig":
-        """CLIP ViT-bigG-14 text tower (v2 Stage C): width 1280, 32 layers, 20 heads."""
-        return cls.from_open_clip("ViT-bigG-14")
+    def vit_bigg_14(cls, projection: bool = False) -> "TextEncoderConfig":
+        """CLIP ViT-bigG-14 text tower (v2 Stage C): width 1280, 32 layers, 20 heads; `projection=True` adds
+        the 1280 x 1280 text projection (Stable Cascade, transformers' CLIPTextModelWithProjection)."""
+        return cls.from_open_clip("ViT-bigG-14", projection=projection)
 
     @classmethod
     def tiny(cls) -> "TextEncoderConfig":
         return cls(width=32, heads=4, layers=2, mlp_width=64)
 
 
-class _Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, act: str):
-        super().__init__()
-        self.c_fc = nn.Linear(width, hidden)
-        self.c_proj = nn.Linear(hidden, width)
-        self.act = act
-
-    def forward(self, x):
-        h = self.c_fc(x)
-        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
-        return self.c_proj(h)
-
-
-class _SelfAttention(nn.Module):
-    """Fused-QKV self-attention with nn.MultiheadAttention's parameter names (open_clip layout)."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
-
-    def forward(self, x, mask):
-        b, n, c = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class _Block(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.attn = _SelfAttention(cfg.width, cfg.heads)
-        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.mlp = _Mlp(cfg.width, cfg.mlp_width, cfg.act)
-
-    def forward(self, x, mask):
-        x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
-
-
-class _Transformer(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        self.resblocks = nn.ModuleList([_Block(cfg) for _ in range(cfg.layers)])
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, L, width), after the final LayerNorm
+    pre_norm_hidden_state: torch.Tensor  # (B, L, width), the last layer's output before it (hidden_states[-1])
+    pooled_output: torch.Tensor  # (B, width), last_hidden_state at the end-of-text token
+    text_embeds: torch.Tensor | None  # (B, projection_dim), pooled_output @ text_projection (None without one)
 
 
 class CLIPTextEncoder(nn.Module):
@@ -132,11 +102,12 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(f"TextEncoderConfig: width={cfg.width} must be divisible by heads={cfg.heads}")
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width).normal_(std=0.01))
-        self.transformer = _Transformer(cfg)
+        self.transformer = CLIPTransformer(cfg.width, cfg.heads, cfg.layers, cfg.mlp_width, cfg.act, cfg.ln_eps)
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        if cfg.projection_dim is not None:
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim).normal_(std=cfg.width ** -0.5))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) token ids, (B, L) 1/0 mask (None = all valid) -> (B, L, width) last_hidden_state."""
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         b, n = input_ids.shape
         if n > self.config.context_length:
             raise ValueError(f"input of {n} tokens is longer than the context length {self.config.context_length}; "
@@ -145,9 +116,23 @@ class CLIPTextEncoder(nn.Module):
         allowed = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[None, None]  # causal
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]  # key padding
-        for block in self.transformer.resblocks:
-            x = block(x, allowed)
-        return self.ln_final(x)
+        return self.transformer(x, allowed)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) token ids, (B, L) 1/0 mask (None = all valid) -> (B, L, width) last_hidden_state."""
+        return self.ln_final(self._hidden(input_ids, attention_mask))
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CLIPTextOutput:
+        """All of CLIPTextOutput in one pass (what Stable Cascade reads: the pre-norm states and text_embeds)."""
+        pre = self._hidden(input_ids, attention_mask)
+        last = self.ln_final(pre)
+        ids = input_ids.to(device=last.device, dtype=torch.int)
+        # transformers' rule: the first end-of-text token (the legacy configs with eos_token_id 2: argmax)
+        eos = ids.argmax(dim=-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
+        pooled = last[torch.arange(last.shape[0], device=last.device), eos]
+        proj = getattr(self, "text_projection", None)
+        # The (proj, width) weight transformers multiplies with, made contiguous: the same GEMM, the same rounding
+        return CLIPTextOutput(last, pre, pooled, F.linear(pooled, proj.t().contiguous()) if proj is not None else None)
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -240,44 +225,41 @@ def load_tokenizer(path=None, context_length: int = 77) -> CLIPTokenizer:
 
 # ------------------------------------------------------------------------------------------- loading
 def from_transformers_layout(sd: dict) -> dict:
-    """transformers CLIPTextModel keys -> open_clip text-tower keys (q/k/v concatenated to in_proj)."""
+    """transformers CLIPTextModel / CLIPTextModelWithProjection keys -> open_clip text-tower keys (q/k/v
+    concatenated to in_proj; the projection Linear's (proj, width) weight transposed to open_clip's matrix)."""
     sd = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in sd.items()}
     out = {"token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
            "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
            "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias")}
     sd.pop("embeddings.position_ids", None)
-    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
-    rename = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-              "self_attn.out_proj": "attn.out_proj"}
-    for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
-            for a, b in rename.items():
-                out[f"{dst}{b}.{kind}"] = sd.pop(f"{src}{a}.{kind}")
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd.pop("text_projection.weight").t().contiguous()
+    encoder_layers_from_transformers(sd, out)
     out.update(sd)  # leftovers (if any) surface as unexpected keys
     return out
 
 
-def _config_from_transformers(conf: dict) -> TextEncoderConfig:
+def _config_from_transformers(conf: dict, projection_dim: int | None = None) -> TextEncoderConfig:
     if conf.get("model_type") == "clip" and "text_config" in conf:
         conf = conf["text_config"]
-    act = conf.get("hidden_act", "quick_gelu")
-    if act not in ("gelu", "quick_gelu"):
-        raise CheckpointError(f"CLIP text config has hidden_act={act!r}; supported: 'gelu', 'quick_gelu'")
+    act = check_activation(conf.get("hidden_act", "quick_gelu"), CheckpointError)
     return TextEncoderConfig(vocab_size=conf.get("vocab_size", 49408),
                              context_length=conf.get("max_position_embeddings", 77),
                              width=conf.get("hidden_size", 512), heads=conf.get("num_attention_heads", 8),
                              layers=conf.get("num_hidden_layers", 12), mlp_width=conf.get("intermediate_size", 2048),
-                             act=act, ln_eps=conf.get("layer_norm_eps", 1e-5))
+                             act=act, ln_eps=conf.get("layer_norm_eps", 1e-5), projection_dim=projection_dim,
+                             eos_token_id=conf.get("eos_token_id", 49407))
 
 
 def _open_clip_text_state(sd: dict) -> dict:
     """Keep the text tower of an open_clip checkpoint (full CLIP or `text.`-prefixed custom CLIP)."""
     if any(k.startswith("text.transformer.") for k in sd):
         sd = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
-    keep = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
-    return {k: v for k, v in sd.items() if k.startswith(keep)}
+    keep = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+    sd = {k: v for k, v in sd.items() if k.startswith(keep)}
+    if "text_projection.weight" in sd:  # a Linear projection (custom text towers): as a (width, proj) matrix
+        sd["text_projection"] = sd.pop("text_projection.weight").t().contiguous()
+    return sd
 
 
 def _infer_text_config(sd: dict, heads: int | None = None) -> TextEncoderConfig:
@@ -287,18 +269,30 @@ def _infer_text_config(sd: dict, heads: int | None = None) -> TextEncoderConfig:
     v, w = sd["token_embedding.weight"].shape
     layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
     mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] if layers else 4 * w
+    proj = sd["text_projection"].shape[1] if "text_projection" in sd else None
     # open_clip's laion text towers use 64-wide heads; pass heads= for other checkpoints.
     return TextEncoderConfig(vocab_size=v, context_length=sd["positional_embedding"].shape[0], width=w,
-                             heads=heads or max(w // 64, 1), layers=layers, mlp_width=mlp)
+                             heads=heads or max(w // 64, 1), layers=layers, mlp_width=mlp, projection_dim=proj)
+
+
+def _transformers_weights(path: Path, variant: str | None) -> dict:
+    """model[.VARIANT].safetensors (or shards), else transformers' older pytorch_model[.VARIANT].bin names."""
+    try:
+        return read_weights(path, "model", variant=variant)
+    except CheckpointError as first:
+        try:
+            return read_weights(path, "pytorch_model", variant=variant, use_safetensors=False)
+        except CheckpointError:
+            raise first from None
 
 
 def load_text_encoder(path, *, device=None, dtype=None, config: TextEncoderConfig | None = None,
-                      heads: int | None = None) -> CLIPTextEncoder:
-    """CLIP text encoder from a transformers CLIPTextModel/CLIPModel folder (or a diffusers pipeline's
-    `text_encoder/`), an open_clip checkpoint file (config inferred from shapes, heads = width/64 unless
-    `heads=`; set `config=` for a quick_gelu model), or our format (`save_text_encoder`)."""
-    from .loading import load_model_state
-
+                      heads: int | None = None, variant: str | None = None) -> CLIPTextEncoder:
+    """CLIP text encoder from a transformers CLIPTextModel / CLIPTextModelWithProjection / CLIPModel folder
+    (or a diffusers pipeline's `text_encoder/`; `variant="bf16"` reads `model.bf16.safetensors`), an open_clip
+    checkpoint file (config inferred from shapes, heads = width/64 unless `heads=`; set `config=` for a
+    quick_gelu model), or our format (`save_text_encoder`). A text projection in the checkpoint is kept
+    (`CLIPTextEncoder.encode(...).text_embeds`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
@@ -310,24 +304,15 @@ def load_text_encoder(path, *, device=None, dtype=None, config: TextEncoderConfi
         sd, _ = read_tensor_file(path / OWN_WEIGHTS_NAME)
     elif path.is_dir() and (path / "config.json").is_file():
         conf = json.loads((path / "config.json").read_text())
-        cfg = config or _config_from_transformers(conf)
-        files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        index = next((path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                      if (path / n).is_file()), None)
-        if files:
-            raw = read_state_dict_file(files[0])
-        elif index is not None:
-            raw = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                raw.update(read_state_dict_file(path / shard))
-        else:
-            raise CheckpointError(f"transformers folder {str(path)!r} has no model.safetensors / pytorch_model.bin")
-        if conf.get("model_type") == "clip":  # full CLIPModel: keep the text tower
-            raw = {k: v for k, v in raw.items() if k.startswith("text_model.")}
+        raw = _transformers_weights(path, variant)
+        if conf.get("model_type") == "clip":  # full CLIPModel: keep the text tower and its projection
+            raw = {k: v for k, v in raw.items() if k.startswith(("text_model.", "text_projection."))}
         try:
             sd = from_transformers_layout(raw)
         except KeyError as e:
             raise CheckpointError(f"{str(path)!r} is not a CLIPTextModel checkpoint: key {e} is missing") from e
+        proj = sd["text_projection"].shape[1] if "text_projection" in sd else None
+        cfg = config or _config_from_transformers(conf, proj)
         source = f"transformers folder {str(path)!r}"
     elif path.is_dir():
         raise CheckpointError(f"{str(path)!r} is neither a transformers CLIP folder (config.json), a diffusers "
@@ -348,20 +333,9 @@ def load_text_encoder(path, *, device=None, dtype=None, config: TextEncoderConfi
         source = f"wuerstchen_fast checkpoint {str(path)!r}"
     if heads is not None:
         cfg = dataclasses.replace(cfg, heads=heads)
-    with torch.device("meta"):
-        model = CLIPTextEncoder(cfg)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
-    load_model_state(model, sd, source=source, assign=True)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return build_with_state(CLIPTextEncoder, cfg, sd, source=source, device=device, dtype=dtype)
 
 
 def save_text_encoder(model: CLIPTextEncoder, folder) -> Path:
     """Our format: `folder/wuerstchen_fast.json` + `folder/model.safetensors`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT_TAG, "version": 1, "stage": "text_encoder", "config": model.config.to_dict()}
-    (folder / OWN_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    save_safetensors(model.state_dict(), folder / OWN_WEIGHTS_NAME, metadata={FORMAT_TAG: json.dumps(meta)})
-    return folder
+    return save_own_format(model, folder, "text_encoder")

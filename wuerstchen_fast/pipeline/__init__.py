@@ -3,6 +3,8 @@
 `WuerstchenPipeline` is the combined call (diffusers' `WuerstchenCombinedPipeline`); its `.prior_pipe`
 (`WuerstchenPriorPipeline`: text -> image embeddings) and `.decoder_pipe` (`WuerstchenDecoderPipeline`:
 image embeddings -> images) run alone with diffusers' signatures. `StagePipeline` is their common base.
+Stable Cascade (Würstchen v3) has the same three: `StableCascadeCombinedPipeline`, `StableCascadePriorPipeline`,
+`StableCascadeDecoderPipeline`; `load_pipeline()` builds whichever family its sources are.
 """
 from ..diffusion.schedule import DEFAULT_STAGE_C_TIMESTEPS
 from .base import PipelineConfig, StagePipeline
@@ -12,6 +14,8 @@ from .decoder import WuerstchenDecoderPipeline
 from .loading import NoDefaultWeightsError, load_decoder_pipeline, load_pipeline, load_prior_pipeline, sample
 from .outputs import ImagePipelineOutput, PipelineOutput, WuerstchenPriorPipelineOutput
 from .prior import WuerstchenPriorPipeline
+from .stable_cascade import StableCascadeDecoderPipeline, StableCascadePriorPipeline, StableCascadePriorPipelineOutput
+from .stable_cascade_combined import StableCascadeCombinedPipeline
 from .text import TextEncoder
 
 __all__ = [
@@ -21,6 +25,10 @@ __all__ = [
     "NoDefaultWeightsError",
     "PipelineConfig",
     "PipelineOutput",
+    "StableCascadeCombinedPipeline",
+    "StableCascadeDecoderPipeline",
+    "StableCascadePriorPipeline",
+    "StableCascadePriorPipelineOutput",
     "StagePipeline",
     "TextEncoder",
     "WuerstchenDecoderPipeline",

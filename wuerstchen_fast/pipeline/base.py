@@ -307,9 +307,15 @@ class StagePipeline:
         key = (name, id(model), guidance)
         loop = self._loops.get(key)
         if loop is None:
-            loop = self._loops[key] = DenoiseLoop(model, guidance, s=self.config["s"], scaler=self.config["scaler"],
-                                                  compile=self.compile, cuda_graphs=self.cuda_graphs)
+            loop = self._loops[key] = DenoiseLoop(self._denoiser(model), guidance, s=self.config["s"],
+                                                  scaler=self.config["scaler"], compile=self.compile,
+                                                  cuda_graphs=self.cuda_graphs)
         return loop
+
+    @staticmethod
+    def _denoiser(model):
+        """What the loop calls per step: the model itself (a family whose model splits its forward says which half)."""
+        return model
 
     def _denoise(self, name: str, x: torch.Tensor, timesteps: torch.Tensor, generator, guidance: float,
                  named: dict[str, torch.Tensor], conds_of: Callable[[dict], list], callback, tensor_inputs,

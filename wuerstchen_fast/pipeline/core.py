@@ -76,9 +76,13 @@ class WuerstchenPipeline:
     decoder_multiple, pixels_per_latent, prior_c_in, decoder_c_in, and prior_/decoder_ s and scaler).
     """
 
+    # The stage pipelines it combines (a family's combined pipeline names its own).
+    prior_pipeline_class = WuerstchenPriorPipeline
+    decoder_pipeline_class = WuerstchenDecoderPipeline
+
     def __init__(self, prior, decoder, vqgan, prior_text: TextEncoder, decoder_text: TextEncoder, *,
                  device="cpu", dtype=torch.float32, config: dict | None = None,
-                 compile: bool = False, cuda_graphs: bool = False):
+                 compile: bool = False, cuda_graphs: bool = False, **prior_parts):
         parts: dict[str, dict] = {"prior": {}, "decoder": {}}
         for key, value in (config or {}).items():
             if key not in _CONFIG_KEYS:
@@ -88,8 +92,9 @@ class WuerstchenPipeline:
         if "resolution_multiple" in parts["prior"]:
             parts["decoder"]["resolution_multiple"] = parts["prior"]["resolution_multiple"]
         common = dict(device=device, dtype=dtype, compile=compile, cuda_graphs=cuda_graphs)
-        self.prior_pipe = WuerstchenPriorPipeline(prior, prior_text, config=parts["prior"], **common)
-        self.decoder_pipe = WuerstchenDecoderPipeline(decoder, vqgan, decoder_text, config=parts["decoder"], **common)
+        self.prior_pipe = self.prior_pipeline_class(prior, prior_text, config=parts["prior"], **common, **prior_parts)
+        self.decoder_pipe = self.decoder_pipeline_class(decoder, vqgan, decoder_text, config=parts["decoder"],
+                                                        **common)
         self._call_defaults: dict = {}
 
     @classmethod

@@ -232,7 +232,8 @@ def load_pipeline(prior=None, decoder=None, *, weights=None, device: str | torch
                   variant: str | None = None, use_safetensors: bool | None = None, revision: str | None = None,
                   cache_dir=None, local_files_only: bool | None = None, token=None, compile: bool = False,
                   cuda_graphs: bool = False, vqgan=None, prior_text_encoder=None, prior_tokenizer=None,
-                  decoder_text_encoder=None, decoder_tokenizer=None) -> WuerstchenPipeline:
+                  decoder_text_encoder=None, decoder_tokenizer=None, lite: bool = False,
+                  **stable_cascade_parts) -> WuerstchenPipeline:
     """Load the three stages and both text encoders; see the module docstring for accepted sources.
 
     device defaults to CUDA when available. dtype (or diffusers' torch_dtype): float32 (default),
@@ -240,11 +241,25 @@ def load_pipeline(prior=None, decoder=None, *, weights=None, device: str | torch
     torch.compile; cuda_graphs=True (CUDA only) captures it in a CUDA graph and replays it every step.
     Hub ids are resolved with `revision`, `cache_dir`, `local_files_only` and `token` (one revision for
     both repos; load the stages separately to pin each).
+
+    Stable Cascade (Würstchen v3) weights are recognised and give a `StableCascadeCombinedPipeline`
+    (`stable_cascade_loading.py`): `variant="lite"` (or `lite=True`) takes its lite models, "bf16" / "lite_bf16"
+    the bf16 files, and `text_encoder=`, `tokenizer=`, `image_encoder=`, `feature_extractor=` its parts.
     """
+    from .stable_cascade_loading import is_stable_cascade, load_stable_cascade_pipeline, split_variant
+
     device, dtype, opts = _options(device, dtype, torch_dtype, compile, cuda_graphs)
+    lite, variant = split_variant(variant, lite)
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, variant=variant,
                use_safetensors=use_safetensors, token=token)
-    src = _resolve(_from_hub(prior, hub), _from_hub(decoder, hub), _from_hub(weights, hub))
+    prior, decoder, weights = (_from_hub(a, hub) for a in (prior, decoder, weights))
+    if is_stable_cascade(prior, decoder, weights=weights):
+        return load_stable_cascade_pipeline(
+            prior, decoder, weights=weights, device=device, dtype=dtype, opts=opts, variant=variant, lite=lite,
+            vqgan=vqgan, prior_text_encoder=prior_text_encoder, prior_tokenizer=prior_tokenizer,
+            decoder_text_encoder=decoder_text_encoder, decoder_tokenizer=decoder_tokenizer, **stable_cascade_parts)
+    _refuse_stable_cascade_arguments(stable_cascade_parts, lite)
+    src = _resolve(prior, decoder, weights)
     call_defaults = src.pop("sampling_defaults", None)
     src = _complete(src, dict(vqgan=vqgan, prior_text_encoder=prior_text_encoder, prior_tokenizer=prior_tokenizer,
                               decoder_text_encoder=decoder_text_encoder, decoder_tokenizer=decoder_tokenizer),
@@ -258,12 +273,27 @@ def load_pipeline(prior=None, decoder=None, *, weights=None, device: str | torch
     return pipe
 
 
+def _refuse_stable_cascade_arguments(parts: dict, lite: bool) -> None:
+    given = sorted(k for k, v in {**parts, "lite": lite or None}.items() if v is not None)
+    if given:
+        raise TypeError(f"{', '.join(given)}: Stable Cascade arguments, but these sources are Würstchen v2 (give each "
+                        "stage's text encoder as prior_text_encoder= / decoder_text_encoder=)")
+
+
 def _load_stage(stage: str, source, *, device, dtype, torch_dtype, variant, use_safetensors, revision, cache_dir,
-                local_files_only, token, compile, cuda_graphs, parts: dict):
+                local_files_only, token, compile, cuda_graphs, parts: dict, lite: bool = False, sc_parts=None):
+    from .stable_cascade_loading import is_stable_cascade, load_stable_cascade_stage, split_variant
+
     device, dtype, opts = _options(device, dtype, torch_dtype, compile, cuda_graphs)
+    lite, variant = split_variant(variant, lite)
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, variant=variant,
                use_safetensors=use_safetensors, token=token)
-    src = _default_sources() if source is None else _stage_sources(stage, _from_hub(source, hub))
+    source = _from_hub(source, hub)
+    if is_stable_cascade(source):
+        return load_stable_cascade_stage(stage, source, device=device, dtype=dtype, opts=opts, variant=variant,
+                                         lite=lite, **parts, **(sc_parts or {}))
+    _refuse_stable_cascade_arguments(sc_parts or {}, lite)
+    src = _default_sources() if source is None else _stage_sources(stage, source)
     call_defaults = src.pop("sampling_defaults", None)
     src = _complete(src, parts, (stage,))
     files = dict(variant=variant, use_safetensors=use_safetensors)
@@ -276,26 +306,28 @@ def _load_stage(stage: str, source, *, device, dtype, torch_dtype, variant, use_
 
 def load_prior_pipeline(prior=None, *, device=None, dtype=None, torch_dtype=None, variant=None,
                         use_safetensors=None, revision=None, cache_dir=None, local_files_only=None, token=None,
-                        compile=False, cuda_graphs=False, text_encoder=None, tokenizer=None
-                        ) -> WuerstchenPriorPipeline:
+                        compile=False, cuda_graphs=False, text_encoder=None, tokenizer=None, lite: bool = False,
+                        image_encoder=None, feature_extractor=None) -> WuerstchenPriorPipeline:
     """A `WuerstchenPriorPipeline` from a Hub id or folder of `warp-ai/wuerstchen-prior`'s layout (or a
     combined / bundle folder, or a Stage C file with `text_encoder=` and `tokenizer=`); none: the bundled model."""
     return _load_stage("prior", prior, device=device, dtype=dtype, torch_dtype=torch_dtype, variant=variant,
                        use_safetensors=use_safetensors, revision=revision, cache_dir=cache_dir,
                        local_files_only=local_files_only, token=token, compile=compile, cuda_graphs=cuda_graphs,
-                       parts=dict(prior_text_encoder=text_encoder, prior_tokenizer=tokenizer))
+                       parts=dict(prior_text_encoder=text_encoder, prior_tokenizer=tokenizer), lite=lite,
+                       sc_parts=dict(image_encoder=image_encoder, feature_extractor=feature_extractor))
 
 
 def load_decoder_pipeline(decoder=None, *, device=None, dtype=None, torch_dtype=None, variant=None,
                           use_safetensors=None, revision=None, cache_dir=None, local_files_only=None, token=None,
-                          compile=False, cuda_graphs=False, vqgan=None, text_encoder=None, tokenizer=None
-                          ) -> WuerstchenDecoderPipeline:
+                          compile=False, cuda_graphs=False, vqgan=None, text_encoder=None, tokenizer=None,
+                          lite: bool = False) -> WuerstchenDecoderPipeline:
     """A `WuerstchenDecoderPipeline` from a Hub id or folder of `warp-ai/wuerstchen`'s layout (or a combined
     / bundle folder, or Stage B / Stage A sources with `vqgan=`, `text_encoder=`, `tokenizer=`)."""
     return _load_stage("decoder", decoder, device=device, dtype=dtype, torch_dtype=torch_dtype, variant=variant,
                        use_safetensors=use_safetensors, revision=revision, cache_dir=cache_dir,
                        local_files_only=local_files_only, token=token, compile=compile, cuda_graphs=cuda_graphs,
-                       parts=dict(vqgan=vqgan, decoder_text_encoder=text_encoder, decoder_tokenizer=tokenizer))
+                       parts=dict(vqgan=vqgan, decoder_text_encoder=text_encoder, decoder_tokenizer=tokenizer),
+                       lite=lite)
 
 
 _CACHE: dict[tuple, WuerstchenPipeline] = {}

@@ -24,22 +24,24 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.model = model
 
-    def __call__(self, prompts: list[str], device, dtype) -> torch.Tensor:
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), padded to the tokenizer's max length; warns about cut text."""
         tok = self.tokenizer
         if not hasattr(tok, "model_max_length"):  # our offline tokenizer (models.text.CLIPTokenizer)
-            ids, mask = tok(prompts)
-            out = self.model(ids.to(device), attention_mask=mask.to(device))
-            return getattr(out, "last_hidden_state", out).to(dtype)
+            return tok(prompts)
         max_len = tok.model_max_length
         enc = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
         full = tok(prompts, padding="longest", return_tensors="pt").input_ids
         if full.shape[-1] > max_len:
             dropped = tok.batch_decode(full[:, max_len - 1 : -1])
             warnings.warn(f"CLIP reads at most {max_len} tokens; this part of the prompt was cut: {dropped}",
-                          stacklevel=4)
-        out = self.model(enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device))
-        hidden = getattr(out, "last_hidden_state", out)
-        return hidden.to(dtype)
+                          stacklevel=5)
+        return enc.input_ids, enc.attention_mask
+
+    def __call__(self, prompts: list[str], device, dtype) -> torch.Tensor:
+        ids, mask = self.tokenize(prompts)
+        out = self.model(ids.to(device), attention_mask=mask.to(device))
+        return getattr(out, "last_hidden_state", out).to(dtype)
 
 
 def negative_field(field: str) -> str:
